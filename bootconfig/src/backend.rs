@@ -1,0 +1,363 @@
+//! The one small interface both boot backends implement, and the two
+//! implementations: [`GptPrioBackend`] (GRUB gptprio bits in the GPT) and
+//! [`BlsBackend`] (systemd-boot entries with boot counting).
+//!
+//! Each transition is decided by a pure function (in [`crate::gptprio`] or
+//! [`crate::bls`]) and then written in one step.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::bls::{self, BlsEntry, BlsError, BootCounter, EntriesDir, EntryStatus};
+use crate::cmdline;
+use crate::gpt::{GptDisk, GptError};
+use crate::gptprio::{self, GptPrio, SlotPair, SlotStatus, TransitionError};
+use crate::slots::{Slot, SlotError};
+use crate::SlotName;
+
+/// Why a boot-selection operation failed. Nothing was written when it did,
+/// except where an I/O error says otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error(transparent)]
+    Gpt(#[from] GptError),
+    #[error(transparent)]
+    Bls(#[from] BlsError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    #[error("slot {slot} has no boot entry in {dir}")]
+    NoEntry { slot: SlotName, dir: PathBuf },
+    #[error("slot {slot} has {count} boot entries in {dir}; expected one")]
+    ManyEntries {
+        slot: SlotName,
+        count: usize,
+        dir: PathBuf,
+    },
+    #[error(
+        "refusing: systemd-boot would still boot {winner} first, not slot {slot}'s entry {entry}"
+    )]
+    WouldNotBootFirst {
+        slot: SlotName,
+        entry: String,
+        winner: String,
+    },
+}
+
+/// A slot's boot state, as its backend records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "backend", rename_all = "kebab-case")]
+pub enum SlotBoot {
+    Gptprio {
+        priority: u8,
+        tries: u8,
+        successful: bool,
+        status: SlotStatus,
+    },
+    Bls {
+        /// The entry's file name; `None` when the slot has no entry.
+        entry: Option<String>,
+        version: Option<String>,
+        tries_left: Option<u32>,
+        tries_done: Option<u32>,
+        status: SlotStatus,
+    },
+}
+
+impl SlotBoot {
+    pub fn status(&self) -> SlotStatus {
+        match self {
+            SlotBoot::Gptprio { status, .. } | SlotBoot::Bls { status, .. } => *status,
+        }
+    }
+}
+
+/// A bootloader family's view of the two slots.
+pub trait BootBackend {
+    /// The backend's name in config and output: `gptprio` or `bls`.
+    fn name(&self) -> &'static str;
+    fn slot_boot(&self, slot: SlotName) -> SlotBoot;
+    /// The slot the bootloader picks on the next boot, if it is a slot.
+    fn next_boot(&self) -> Option<SlotName>;
+    /// Makes the slot unbootable before anything is written to it.
+    fn clear(&mut self, slot: SlotName) -> Result<Vec<String>, BootError>;
+    /// Boots the slot next, on trial, with `tries` attempts.
+    fn set_next(&mut self, slot: SlotName, tries: u8) -> Result<Vec<String>, BootError>;
+    fn mark_good(&mut self, slot: SlotName) -> Result<Vec<String>, BootError>;
+    /// Never boots the slot again until it is set next; the other boots first.
+    fn mark_bad(&mut self, slot: SlotName) -> Result<Vec<String>, BootError>;
+    /// Undoes a set next of the slot.
+    fn cancel(&mut self, slot: SlotName) -> Result<Vec<String>, BootError>;
+}
+
+/// gptprio: the state lives in the slots' GPT attribute words.
+#[derive(Debug)]
+pub struct GptPrioBackend {
+    disk: GptDisk,
+    slots: [Slot; 2],
+}
+
+impl GptPrioBackend {
+    /// The backend over an open disk (opened for update to change anything).
+    pub fn new(disk: GptDisk, slots: [Slot; 2]) -> Self {
+        GptPrioBackend { disk, slots }
+    }
+
+    fn pair(&self) -> SlotPair {
+        SlotPair {
+            a: GptPrio::from_attributes(self.slots[0].attributes),
+            b: GptPrio::from_attributes(self.slots[1].attributes),
+        }
+    }
+
+    /// Writes a new pair: changed attribute words, then both GPT copies.
+    fn store(&mut self, pair: SlotPair) -> Result<Vec<String>, BootError> {
+        for slot in SlotName::BOTH {
+            let word = pair.get(slot).attributes();
+            self.disk
+                .set_attributes(self.slots[slot.index()].partition_number, word)?;
+        }
+        let repairs = self.disk.write()?;
+        for slot in SlotName::BOTH {
+            self.slots[slot.index()].attributes = pair.get(slot).attributes();
+        }
+        Ok(repairs)
+    }
+}
+
+impl BootBackend for GptPrioBackend {
+    fn name(&self) -> &'static str {
+        "gptprio"
+    }
+
+    fn slot_boot(&self, slot: SlotName) -> SlotBoot {
+        let word = self.pair().get(slot);
+        SlotBoot::Gptprio {
+            priority: word.priority(),
+            tries: word.tries(),
+            successful: word.successful(),
+            status: word.status(),
+        }
+    }
+
+    fn next_boot(&self) -> Option<SlotName> {
+        // Ask GRUB's rule over the whole table: another partition of the
+        // slot type could outrank both slots.
+        let mut table: Vec<gptprio::Candidate> = self
+            .disk
+            .partitions()
+            .iter()
+            .map(|p| gptprio::Candidate {
+                is_slot_type: p.type_guid == self.slots[0].type_guid,
+                prio: GptPrio::from_attributes(p.attributes),
+            })
+            .collect();
+        let numbers: Vec<u32> = self.disk.partitions().iter().map(|p| p.number).collect();
+        let chosen = numbers[gptprio::gptprio_next(&mut table)?];
+        self.slots
+            .iter()
+            .find(|s| s.partition_number == chosen)
+            .map(|s| s.name)
+    }
+
+    fn clear(&mut self, slot: SlotName) -> Result<Vec<String>, BootError> {
+        let pair = self.pair().clear(slot);
+        self.store(pair)
+    }
+
+    fn set_next(&mut self, slot: SlotName, tries: u8) -> Result<Vec<String>, BootError> {
+        let pair = self.pair().set_next(slot, tries)?;
+        self.store(pair)
+    }
+
+    fn mark_good(&mut self, slot: SlotName) -> Result<Vec<String>, BootError> {
+        let pair = self.pair().mark_good(slot);
+        self.store(pair)
+    }
+
+    fn mark_bad(&mut self, slot: SlotName) -> Result<Vec<String>, BootError> {
+        let pair = self.pair().mark_bad(slot)?;
+        self.store(pair)
+    }
+
+    fn cancel(&mut self, slot: SlotName) -> Result<Vec<String>, BootError> {
+        let pair = self.pair().cancel(slot)?;
+        self.store(pair)
+    }
+}
+
+/// BLS: the state lives in the slots' entry file names on the ESP. A slot's
+/// entry is the one whose options name the slot's PARTUUID.
+#[derive(Debug)]
+pub struct BlsBackend {
+    dir: EntriesDir,
+    slots: [Slot; 2],
+    entries: Vec<BlsEntry>,
+    default_pattern: Option<String>,
+}
+
+impl BlsBackend {
+    /// Reads the entries of the ESP mounted at `esp`.
+    pub fn open(dir: EntriesDir, slots: [Slot; 2]) -> Result<Self, BootError> {
+        let entries = dir.read()?;
+        let default_pattern = dir.default_pattern()?;
+        Ok(BlsBackend {
+            dir,
+            slots,
+            entries,
+            default_pattern,
+        })
+    }
+
+    /// The slot an entry boots, by the PARTUUID in its options.
+    fn slot_of(&self, entry: &BlsEntry) -> Option<SlotName> {
+        let partuuid = cmdline::booted_partuuid(&entry.options)?;
+        self.slots
+            .iter()
+            .find(|s| s.partuuid == partuuid)
+            .map(|s| s.name)
+    }
+
+    fn entry_index(&self, slot: SlotName) -> Result<Option<usize>, BootError> {
+        let found: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| self.slot_of(&self.entries[i]) == Some(slot))
+            .collect();
+        match found.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(*one)),
+            many => Err(BootError::ManyEntries {
+                slot,
+                count: many.len(),
+                dir: self.dir.dir(),
+            }),
+        }
+    }
+
+    fn required_entry(&self, slot: SlotName) -> Result<usize, BootError> {
+        self.entry_index(slot)?.ok_or_else(|| BootError::NoEntry {
+            slot,
+            dir: self.dir.dir(),
+        })
+    }
+
+    fn status_of(entry: Option<&BlsEntry>) -> SlotStatus {
+        match entry.map(BlsEntry::status) {
+            Some(EntryStatus::Good) => SlotStatus::Good,
+            Some(EntryStatus::Trying) => SlotStatus::Trying,
+            Some(EntryStatus::Bad) | None => SlotStatus::Unbootable,
+        }
+    }
+
+    fn rename(
+        &mut self,
+        index: usize,
+        counter: Option<BootCounter>,
+    ) -> Result<Vec<String>, BootError> {
+        self.dir.set_counter(&self.entries[index], counter)?;
+        self.entries = self.dir.read()?;
+        Ok(Vec::new())
+    }
+
+    /// Refuses a transition that leaves the other slot as the only hope
+    /// when it has no usable entry.
+    fn require_other_bootable(&self, slot: SlotName) -> Result<(), BootError> {
+        let other = slot.other();
+        let entry = self.entry_index(other)?.map(|i| &self.entries[i]);
+        if Self::status_of(entry) == SlotStatus::Unbootable {
+            return Err(TransitionError::NothingWouldBoot {
+                target: slot,
+                other,
+                why: "without a usable boot entry",
+            }
+            .into());
+        }
+        Ok(())
+    }
+}
+
+impl BootBackend for BlsBackend {
+    fn name(&self) -> &'static str {
+        "bls"
+    }
+
+    fn slot_boot(&self, slot: SlotName) -> SlotBoot {
+        let entry = self
+            .entry_index(slot)
+            .ok()
+            .flatten()
+            .map(|i| &self.entries[i]);
+        SlotBoot::Bls {
+            entry: entry.map(|e| e.file_name.clone()),
+            version: entry.and_then(|e| e.version.clone()),
+            tries_left: entry.and_then(|e| e.name.counter).map(|c| c.left),
+            tries_done: entry.and_then(|e| e.name.counter).map(|c| c.done),
+            status: Self::status_of(entry),
+        }
+    }
+
+    fn next_boot(&self) -> Option<SlotName> {
+        bls::default_entry(&self.entries, self.default_pattern.as_deref())
+            .and_then(|e| self.slot_of(e))
+    }
+
+    fn clear(&mut self, slot: SlotName) -> Result<Vec<String>, BootError> {
+        if let Some(index) = self.entry_index(slot)? {
+            self.dir.remove(&self.entries[index])?;
+            self.entries = self.dir.read()?;
+        }
+        Ok(Vec::new())
+    }
+
+    fn set_next(&mut self, slot: SlotName, tries: u8) -> Result<Vec<String>, BootError> {
+        if tries == 0 {
+            return Err(TransitionError::BadTries(tries).into());
+        }
+        let index = self.required_entry(slot)?;
+        let counter = BootCounter {
+            left: u32::from(tries),
+            done: 0,
+        };
+        // Decide on the renamed list before touching the disk.
+        let mut planned = self.entries.clone();
+        planned[index].name.counter = Some(counter);
+        planned[index].file_name = planned[index].name.file_name();
+        let winner = bls::default_entry(&planned, self.default_pattern.as_deref())
+            .map(|e| e.file_name.clone());
+        if winner.as_deref() != Some(planned[index].file_name.as_str()) {
+            return Err(BootError::WouldNotBootFirst {
+                slot,
+                entry: planned[index].file_name.clone(),
+                winner: winner.unwrap_or_default(),
+            });
+        }
+        self.rename(index, Some(counter))
+    }
+
+    fn mark_good(&mut self, slot: SlotName) -> Result<Vec<String>, BootError> {
+        let index = self.required_entry(slot)?;
+        self.rename(index, None)
+    }
+
+    fn mark_bad(&mut self, slot: SlotName) -> Result<Vec<String>, BootError> {
+        let index = self.required_entry(slot)?;
+        self.require_other_bootable(slot)?;
+        let done = self.entries[index].name.counter.map_or(0, |c| c.done);
+        self.rename(index, Some(BootCounter { left: 0, done }))
+    }
+
+    fn cancel(&mut self, slot: SlotName) -> Result<Vec<String>, BootError> {
+        let index = self.required_entry(slot)?;
+        if self.entries[index].status() != EntryStatus::Trying {
+            return Err(TransitionError::NothingToCancel(format!(
+                "slot {slot}'s entry {} is not counting boots",
+                self.entries[index].file_name
+            ))
+            .into());
+        }
+        self.require_other_bootable(slot)?;
+        let done = self.entries[index].name.counter.map_or(0, |c| c.done);
+        self.rename(index, Some(BootCounter { left: 0, done }))
+    }
+}
