@@ -1,1 +1,152 @@
-fn main() {}
+//! `updatectl`: the operator's CLI for tandem.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use bootconfig::{Guid, SlotLayout, SlotName};
+use clap::{Args, Parser, Subcommand};
+use updater::slotctl::{self, Action, Target};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "updatectl",
+    version,
+    about = "Drive and inspect tandem A/B updates"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the A/B slots of a disk and change which one boots next
+    /// (daemon-free, like cgpt or bootctl).
+    Slots(SlotsArgs),
+}
+
+#[derive(Debug, Args)]
+struct SlotsArgs {
+    #[command(subcommand)]
+    action: Option<SlotAction>,
+    /// Disk (block device or image file); default: the disk holding the booted slot.
+    #[arg(long, global = true, value_name = "PATH")]
+    disk: Option<PathBuf>,
+    /// Use the BLS backend (systemd-boot) with the ESP mounted here,
+    /// instead of GPT gptprio attributes.
+    #[arg(long, global = true, value_name = "DIR")]
+    esp: Option<PathBuf>,
+    /// Print a machine-readable JSON document.
+    #[arg(long, global = true)]
+    json: bool,
+    /// GPT label of slot A.
+    #[arg(long, global = true, default_value = "USR-A", value_name = "LABEL")]
+    label_a: String,
+    /// GPT label of slot B.
+    #[arg(long, global = true, default_value = "USR-B", value_name = "LABEL")]
+    label_b: String,
+    /// Partition type GUID both slots must have (default: Flatcar /usr).
+    #[arg(long = "type", global = true, value_name = "GUID")]
+    type_guid: Option<Guid>,
+    /// Kernel command line to find the booted slot in.
+    #[arg(
+        long,
+        global = true,
+        default_value = "/proc/cmdline",
+        value_name = "FILE"
+    )]
+    cmdline: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum SlotAction {
+    /// Boot SLOT next, on trial: above the other slot, N tries, not successful.
+    SetNext {
+        slot: SlotName,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=15))]
+        tries: u8,
+    },
+    /// Mark SLOT good: successful, no tries left.
+    MarkGood { slot: SlotName },
+    /// Mark SLOT bad: it never boots again until set next; the other boots first.
+    MarkBad { slot: SlotName },
+    /// Undo a set-next of the slot that is not booted.
+    Cancel,
+}
+
+fn slots(args: SlotsArgs) -> Result<()> {
+    let mut layout = SlotLayout {
+        labels: [args.label_a, args.label_b],
+        ..SlotLayout::default()
+    };
+    if let Some(type_guid) = args.type_guid {
+        layout.type_guid = type_guid;
+    }
+    let target = Target {
+        disk: args.disk,
+        esp: args.esp,
+        layout,
+        cmdline: args.cmdline,
+    };
+    let action = args.action.map(|action| match action {
+        SlotAction::SetNext { slot, tries } => Action::SetNext { slot, tries },
+        SlotAction::MarkGood { slot } => Action::MarkGood(slot),
+        SlotAction::MarkBad { slot } => Action::MarkBad(slot),
+        SlotAction::Cancel => Action::Cancel,
+    });
+    let report = match action {
+        None => slotctl::report(&target)?,
+        Some(action) => {
+            let (notes, report) = slotctl::apply(&target, action)?;
+            for note in notes {
+                eprintln!("updatectl: repaired: {note}");
+            }
+            report
+        }
+    };
+    let text = if args.json {
+        let mut text = serde_json::to_string_pretty(&report).context("cannot encode the report")?;
+        text.push('\n');
+        text
+    } else {
+        slotctl::render(&report)
+    };
+    write_stdout(&text)
+}
+
+/// Writes to stdout; a closed pipe (`updatectl slots | head`) is not an error.
+fn write_stdout(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => error.exit(), // --help, --version
+        Err(error) => {
+            // One line, like every other error; `--help` has the rest.
+            let text = error.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("updatectl: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Slots(args) => slots(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("updatectl: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
