@@ -262,3 +262,54 @@ fn names_the_booted_slot_from_the_command_line() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("pass --disk"));
 }
+
+#[test]
+fn bls_backend_through_updatectl() {
+    use bootconfig::bls::{BootCounter, EntriesDir, NewEntry};
+    let dir = TempDir::new("cli-bls");
+    let image = DiskImage::flatcar(dir.path());
+    let esp = TempDir::new("cli-bls-esp");
+    let entries = EntriesDir::new(esp.path());
+    let entry = |version: &str, partuuid: String| NewEntry {
+        title: format!("ACL {version}"),
+        version: version.to_string(),
+        sort_key: "tandem".to_string(),
+        linux: "/vmlinuz".to_string(),
+        initrd: Vec::new(),
+        options: format!("mount.usr=PARTUUID={partuuid}"),
+    };
+    entries
+        .write("tandem-a", None, &entry("1.0", image.partuuid(3)))
+        .unwrap();
+    entries
+        .write(
+            "tandem-b",
+            Some(BootCounter { left: 2, done: 1 }),
+            &entry("2.0", image.partuuid(4)),
+        )
+        .unwrap();
+    let esp_path = esp.path().to_str().unwrap();
+    let disk = image.path_str();
+    let gpt_before = image.bytes();
+    let shown: Value =
+        serde_json::from_str(&ok(&["slots", "--disk", disk, "--esp", esp_path, "--json"])).unwrap();
+    assert_eq!(shown["backend"], "bls");
+    assert_eq!(shown["next_boot"], "B");
+    let b = &shown["slots"][1]["boot"];
+    assert_eq!(b["entry"], "tandem-b+2-1.conf");
+    assert_eq!(
+        (b["tries_left"].clone(), b["tries_done"].clone()),
+        (2.into(), 1.into())
+    );
+    assert_eq!(b["status"], "trying");
+
+    ok(&["slots", "mark-bad", "B", "--disk", disk, "--esp", esp_path]);
+    assert!(esp.path().join("loader/entries/tandem-b+0-1.conf").exists());
+    let shown: Value =
+        serde_json::from_str(&ok(&["slots", "--disk", disk, "--esp", esp_path, "--json"])).unwrap();
+    assert_eq!(shown["next_boot"], "A");
+    assert!(
+        image.bytes() == gpt_before,
+        "the BLS backend never writes the disk"
+    );
+}

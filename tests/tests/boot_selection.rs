@@ -1,0 +1,224 @@
+//! bootconfig on real disk images and a real (bind-mounted) ESP: a simulated
+//! GRUB boot sequence written back to the GPT and read by `cgpt`, and BLS
+//! entries listed by `bootctl`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bootconfig::backend::{BlsBackend, GptPrioBackend};
+use bootconfig::bls::{BootCounter, EntriesDir, NewEntry};
+use bootconfig::gpt::GptDisk;
+use bootconfig::gptprio::{gptprio_next, Candidate, GptPrio};
+use bootconfig::slots::find_slots;
+use bootconfig::{BootBackend, Slot, SlotLayout, SlotName};
+use tandem_testkit::{bootctl_entries, BindMount, DiskImage, TempDir};
+
+fn slots_of(disk: &GptDisk) -> [Slot; 2] {
+    find_slots(
+        &disk.partitions(),
+        disk.sector_size(),
+        disk.size_bytes(),
+        &SlotLayout::default(),
+    )
+    .unwrap()
+}
+
+/// One boot as GRUB's `gptprio.next` does it on the disk: pick, spend a try,
+/// write the table back. Returns the label of the partition booted.
+fn grub_boot(image: &DiskImage) -> String {
+    let mut disk = GptDisk::open_for_update(&image.path).unwrap();
+    let layout = SlotLayout::default();
+    let partitions = disk.partitions();
+    let mut table: Vec<Candidate> = partitions
+        .iter()
+        .map(|p| Candidate {
+            is_slot_type: p.type_guid == layout.type_guid,
+            prio: GptPrio::from_attributes(p.attributes),
+        })
+        .collect();
+    let chosen = gptprio_next(&mut table).expect("something boots");
+    disk.set_attributes(partitions[chosen].number, table[chosen].prio.attributes())
+        .unwrap();
+    disk.write().unwrap();
+    partitions[chosen].name.clone()
+}
+
+#[test]
+fn set_next_then_two_boots_without_mark_good_falls_back_to_a() {
+    let dir = TempDir::new("grub-sequence");
+    let image = DiskImage::flatcar(dir.path());
+    let disk = GptDisk::open_for_update(&image.path).unwrap();
+    let slots = slots_of(&disk);
+    let mut backend = GptPrioBackend::new(disk, slots);
+    backend.set_next(SlotName::B, 1).unwrap();
+    assert_eq!(backend.next_boot(), Some(SlotName::B));
+    drop(backend);
+
+    assert_eq!(grub_boot(&image), "USR-B", "first boot tries B");
+    assert_eq!(
+        image.cgpt_prio(4),
+        (2, 0, false),
+        "the try is spent on disk"
+    );
+    assert_eq!(
+        grub_boot(&image),
+        "USR-A",
+        "B never marked good: GRUB falls back"
+    );
+    assert_eq!(image.cgpt_prio(3), (1, 0, true));
+    assert_eq!(grub_boot(&image), "USR-A");
+}
+
+#[test]
+fn every_transition_through_the_library_matches_cgpt() {
+    let dir = TempDir::new("lib-transitions");
+    let image = DiskImage::flatcar(dir.path());
+    let open = || {
+        let disk = GptDisk::open_for_update(&image.path).unwrap();
+        let slots = slots_of(&disk);
+        GptPrioBackend::new(disk, slots)
+    };
+    type Step = fn(&mut GptPrioBackend) -> Vec<String>;
+    let steps: [(&str, Step, (u8, u8, bool), (u8, u8, bool)); 5] = [
+        (
+            "set-next B, 2 tries",
+            |b| b.set_next(SlotName::B, 2).unwrap(),
+            (1, 0, true),
+            (2, 2, false),
+        ),
+        (
+            "mark-good B",
+            |b| b.mark_good(SlotName::B).unwrap(),
+            (1, 0, true),
+            (2, 0, true),
+        ),
+        (
+            "set-next A",
+            |b| b.set_next(SlotName::A, 1).unwrap(),
+            (3, 1, false),
+            (2, 0, true),
+        ),
+        (
+            "mark-bad A",
+            |b| b.mark_bad(SlotName::A).unwrap(),
+            (0, 0, false),
+            (2, 0, true),
+        ),
+        (
+            "clear A",
+            |b| b.clear(SlotName::A).unwrap(),
+            (0, 0, false),
+            (2, 0, true),
+        ),
+    ];
+    for (what, step, a, b) in steps {
+        let mut backend = open();
+        let repairs = step(&mut backend);
+        assert!(repairs.is_empty(), "{what}: nothing to repair");
+        drop(backend);
+        assert_eq!(image.cgpt_prio(3), a, "{what}: A as cgpt reads it");
+        assert_eq!(image.cgpt_prio(4), b, "{what}: B as cgpt reads it");
+        // And bootconfig reads back what cgpt reads.
+        let backend = open();
+        let reread = |slot| match backend.slot_boot(slot) {
+            bootconfig::SlotBoot::Gptprio {
+                priority,
+                tries,
+                successful,
+                ..
+            } => (priority, tries, successful),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((reread(SlotName::A), reread(SlotName::B)), (a, b), "{what}");
+    }
+}
+
+fn entry(version: &str, slot_partuuid: &str) -> NewEntry {
+    NewEntry {
+        title: format!("Azure Container Linux {version}"),
+        version: version.to_string(),
+        sort_key: "tandem".to_string(),
+        linux: format!("/tandem/{version}/vmlinuz"),
+        initrd: vec![format!("/tandem/{version}/initrd")],
+        options: format!("mount.usr=PARTUUID={slot_partuuid} console=ttyS0"),
+    }
+}
+
+#[test]
+fn bls_entries_are_listed_by_bootctl_as_expected() {
+    let dir = TempDir::new("bls-disk");
+    let image = DiskImage::flatcar(dir.path());
+    let esp = BindMount::new("bls-esp");
+    let entries = EntriesDir::new(esp.path());
+    for version in ["4081.2.0", "4081.3.0"] {
+        let kernel_dir = esp.path().join("tandem").join(version);
+        std::fs::create_dir_all(&kernel_dir).unwrap();
+        std::fs::write(kernel_dir.join("vmlinuz"), b"kernel").unwrap();
+        std::fs::write(kernel_dir.join("initrd"), b"initrd").unwrap();
+    }
+    // A runs 4081.2.0 and is good; B gets the new 4081.3.0 with 3 tries.
+    entries
+        .write("tandem-a", None, &entry("4081.2.0", &image.partuuid(3)))
+        .unwrap();
+    entries
+        .write(
+            "tandem-b",
+            Some(BootCounter { left: 3, done: 0 }),
+            &entry("4081.3.0", &image.partuuid(4)),
+        )
+        .unwrap();
+    let listed = bootctl_entries(&esp.bootctl_list());
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(
+        listed[0]["title"],
+        "Azure Container Linux 4081.3.0 (default) (not reported/new)"
+    );
+    assert_eq!(listed[0]["tries"], "3 left");
+    assert_eq!(
+        listed[0]["source"],
+        format!("{}/loader/entries/tandem-b+3.conf", esp.path().display())
+    );
+    assert_eq!(
+        listed[1]["title"],
+        "Azure Container Linux 4081.2.0 (not reported/new)"
+    );
+    assert!(!listed[1].contains_key("tries"));
+
+    let disk = GptDisk::open(&image.path).unwrap();
+    let slots = slots_of(&disk);
+    let backend = BlsBackend::open(entries.clone(), slots.clone()).unwrap();
+    assert_eq!(
+        backend.next_boot(),
+        Some(SlotName::B),
+        "bootconfig agrees with bootctl"
+    );
+
+    // Mark B bad: A becomes the default, B keeps its done count at 0 left.
+    let mut backend = BlsBackend::open(entries.clone(), slots.clone()).unwrap();
+    backend.mark_bad(SlotName::B).unwrap();
+    assert_eq!(backend.next_boot(), Some(SlotName::A));
+    let listed = bootctl_entries(&esp.bootctl_list());
+    assert_eq!(
+        listed[0]["title"],
+        "Azure Container Linux 4081.2.0 (default) (not reported/new)"
+    );
+    assert_eq!(listed[1]["tries"], "0 left");
+
+    // Set B next again with 1 try, then bless it: no counter left.
+    backend.set_next(SlotName::B, 1).unwrap();
+    let listed = bootctl_entries(&esp.bootctl_list());
+    assert!(listed[0]["title"].contains("4081.3.0 (default)"));
+    assert_eq!(listed[0]["tries"], "1 left");
+    backend.mark_good(SlotName::B).unwrap();
+    let listed = bootctl_entries(&esp.bootctl_list());
+    assert!(listed[0]["title"].contains("4081.3.0 (default)"));
+    assert!(!listed[0].contains_key("tries"), "blessed: {listed:?}");
+    assert!(esp.path().join("loader/entries/tandem-b.conf").exists());
+
+    // An older version cannot be set next: systemd-boot would not pick it.
+    let err = backend.set_next(SlotName::A, 1).unwrap_err();
+    assert!(err.to_string().contains("would still boot"), "{err}");
+    assert!(
+        esp.path().join("loader/entries/tandem-a.conf").exists(),
+        "unchanged"
+    );
+}
