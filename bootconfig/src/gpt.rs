@@ -215,7 +215,7 @@ fn parse_header(sector: &[u8], lba: u64, last_lba: u64) -> Result<Header, String
             header.my_lba
         ));
     }
-    if header.entry_size < MIN_ENTRY_SIZE || header.entry_size % 8 != 0 {
+    if header.entry_size < MIN_ENTRY_SIZE || !header.entry_size.is_multiple_of(8) {
         return Err(format!("entry size {} is invalid", header.entry_size));
     }
     if header.entries_bytes() == 0 || header.entries_bytes() > MAX_ENTRIES_BYTES {

@@ -78,7 +78,8 @@ fn every_transition_through_the_library_matches_cgpt() {
         GptPrioBackend::new(disk, slots)
     };
     type Step = fn(&mut GptPrioBackend) -> Vec<String>;
-    let steps: [(&str, Step, (u8, u8, bool), (u8, u8, bool)); 5] = [
+    type Bits = (u8, u8, bool);
+    let steps: [(&str, Step, Bits, Bits); 5] = [
         (
             "set-next B, 2 tries",
             |b| b.set_next(SlotName::B, 2).unwrap(),
