@@ -203,12 +203,18 @@ impl BlsBackend {
     pub fn open(dir: EntriesDir, slots: [Slot; 2]) -> Result<Self, BootError> {
         let entries = dir.read()?;
         let default_pattern = dir.default_pattern()?;
-        Ok(BlsBackend {
+        let backend = BlsBackend {
             dir,
             slots,
             entries,
             default_pattern,
-        })
+        };
+        // Two entries for one slot is ambiguous: say so now rather than
+        // show the slot as having none.
+        for slot in SlotName::BOTH {
+            backend.entry_index(slot)?;
+        }
+        Ok(backend)
     }
 
     /// The slot an entry boots, by the PARTUUID in its options.

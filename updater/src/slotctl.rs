@@ -26,6 +26,8 @@ pub struct Target {
     pub layout: SlotLayout,
     /// Where the kernel command line is read from (`/proc/cmdline`).
     pub cmdline: PathBuf,
+    /// The booted slot as the caller knows it; overrides the command line.
+    pub booted: Option<SlotName>,
 }
 
 /// A boot transition asked for on the command line.
@@ -128,10 +130,11 @@ fn open(target: &Target, for_update: bool) -> Result<Opened> {
     .with_context(|| format!("{}: cannot find the A/B slots", disk_path.display()))?;
     // The booted slot is only known when the command line names one of
     // this disk's slots; a missing /proc/cmdline is not an error with --disk.
-    let booted = match (&target.disk, read_cmdline(&target.cmdline)) {
-        (_, Ok(line)) => cmdline::booted_slot(&line, &found),
-        (Some(_), Err(_)) => None,
-        (None, Err(e)) => return Err(e),
+    let booted = match (target.booted, &target.disk, read_cmdline(&target.cmdline)) {
+        (Some(slot), _, _) => Some(slot),
+        (None, _, Ok(line)) => cmdline::booted_slot(&line, &found),
+        (None, Some(_), Err(_)) => None,
+        (None, None, Err(e)) => return Err(e),
     };
     let primary = disk.primary_health().clone();
     let backup = disk.backup_health().clone();

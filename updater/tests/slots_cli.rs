@@ -256,6 +256,18 @@ fn names_the_booted_slot_from_the_command_line() {
     assert_eq!(shown["slots"][1]["booted"], true);
     assert_eq!(shown["slots"][0]["booted"], false);
 
+    // The caller may name the booted slot instead; cancel then spares it.
+    let shown: Value = serde_json::from_str(&ok(&[
+        "slots",
+        "--json",
+        "--disk",
+        image.path_str(),
+        "--booted",
+        "A",
+    ]))
+    .unwrap();
+    assert_eq!(shown["booted"], "A");
+
     // Without --disk the disk comes from the command line; one that names
     // no partition is a clear error.
     let out = updatectl(&["slots"]);

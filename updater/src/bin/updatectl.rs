@@ -57,6 +57,9 @@ struct SlotsArgs {
         value_name = "FILE"
     )]
     cmdline: PathBuf,
+    /// The booted slot, when the command line does not tell (image building, rescue).
+    #[arg(long, global = true, value_name = "A|B")]
+    booted: Option<SlotName>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +91,7 @@ fn slots(args: SlotsArgs) -> Result<()> {
         esp: args.esp,
         layout,
         cmdline: args.cmdline,
+        booted: args.booted,
     };
     let action = args.action.map(|action| match action {
         SlotAction::SetNext { slot, tries } => Action::SetNext { slot, tries },
