@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::bls::{self, BlsEntry, BlsError, BootCounter, EntriesDir, EntryStatus};
 use crate::cmdline;
-use crate::gpt::{GptDisk, GptError};
+use crate::gpt::{GptDisk, GptError, PartitionEntry};
 use crate::gptprio::{self, GptPrio, SlotPair, SlotStatus, TransitionError};
 use crate::slots::{Slot, SlotError};
 use crate::SlotName;
@@ -112,6 +112,44 @@ impl GptPrioBackend {
         }
     }
 
+    /// The whole table as `gptprio.next` sees it, with the partitions.
+    fn candidates(&self) -> (Vec<gptprio::Candidate>, Vec<PartitionEntry>) {
+        let partitions = self.disk.partitions();
+        let table = partitions
+            .iter()
+            .map(|p| gptprio::Candidate {
+                is_slot_type: p.type_guid == self.slots[0].type_guid,
+                prio: GptPrio::from_attributes(p.attributes),
+            })
+            .collect();
+        (table, partitions)
+    }
+
+    /// Does on the disk what GRUB's `gptprio.next` does at a boot: picks
+    /// the partition, spends one of its tries, writes the table back.
+    /// Returns the partition booted. For tests and demos that need the
+    /// bootloader's side; tandem itself never calls it on a node.
+    pub fn simulate_grub_boot(&mut self) -> Result<Option<PartitionEntry>, BootError> {
+        let (mut table, partitions) = self.candidates();
+        let Some(chosen) = gptprio::gptprio_next(&mut table) else {
+            return Ok(None);
+        };
+        let booted = &partitions[chosen];
+        let word = table[chosen].prio.attributes();
+        if word != booted.attributes {
+            self.disk.set_attributes(booted.number, word)?;
+            self.disk.write()?;
+            if let Some(slot) = self
+                .slots
+                .iter_mut()
+                .find(|s| s.partition_number == booted.number)
+            {
+                slot.attributes = word;
+            }
+        }
+        Ok(Some(booted.clone()))
+    }
+
     /// Writes a new pair: changed attribute words, then both GPT copies.
     fn store(&mut self, pair: SlotPair) -> Result<Vec<String>, BootError> {
         for slot in SlotName::BOTH {
@@ -145,17 +183,8 @@ impl BootBackend for GptPrioBackend {
     fn next_boot(&self) -> Option<SlotName> {
         // Ask GRUB's rule over the whole table: another partition of the
         // slot type could outrank both slots.
-        let mut table: Vec<gptprio::Candidate> = self
-            .disk
-            .partitions()
-            .iter()
-            .map(|p| gptprio::Candidate {
-                is_slot_type: p.type_guid == self.slots[0].type_guid,
-                prio: GptPrio::from_attributes(p.attributes),
-            })
-            .collect();
-        let numbers: Vec<u32> = self.disk.partitions().iter().map(|p| p.number).collect();
-        let chosen = numbers[gptprio::gptprio_next(&mut table)?];
+        let (mut table, partitions) = self.candidates();
+        let chosen = partitions[gptprio::gptprio_next(&mut table)?].number;
         self.slots
             .iter()
             .find(|s| s.partition_number == chosen)

@@ -286,7 +286,8 @@ impl GptDisk {
     }
 
     /// Opens a disk to change its table. Holds an exclusive `flock` on it
-    /// until dropped, which also keeps udev from probing it meanwhile.
+    /// until dropped, which also keeps udev from probing it meanwhile. Any
+    /// other open of the same disk, in this process too, waits for the drop.
     pub fn open_for_update(path: &Path) -> Result<Self, GptError> {
         Self::open_with(path, true)
     }

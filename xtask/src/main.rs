@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use bootconfig::backend::GptPrioBackend;
 use bootconfig::gpt::GptDisk;
-use bootconfig::gptprio::{gptprio_next, Candidate, GptPrio};
-use bootconfig::SlotLayout;
+use bootconfig::slots::find_slots;
+use bootconfig::{BootBackend, SlotLayout};
 
 /// Debian packages the tests and the demo run: sgdisk, cgpt, bootctl.
 const PACKAGES: [&str; 3] = ["gdisk", "cgpt", "systemd-boot"];
@@ -151,28 +152,37 @@ fn cgpt(image: &str, number: &str, label: &str) -> Result<()> {
 
 /// One boot as GRUB's `gptprio.next` does it: pick, spend a try, write back.
 fn grub_boot(image: &Path) -> Result<String> {
-    let mut disk = GptDisk::open_for_update(image)?;
-    let slot_type = SlotLayout::default().type_guid;
-    let partitions = disk.partitions();
-    let mut table: Vec<Candidate> = partitions
-        .iter()
-        .map(|p| Candidate {
-            is_slot_type: p.type_guid == slot_type,
-            prio: GptPrio::from_attributes(p.attributes),
-        })
-        .collect();
-    let Some(chosen) = gptprio_next(&mut table) else {
+    let disk = GptDisk::open_for_update(image)?;
+    let slots = find_slots(
+        &disk.partitions(),
+        disk.sector_size(),
+        disk.size_bytes(),
+        &SlotLayout::default(),
+    )?;
+    let mut backend = GptPrioBackend::new(disk, slots);
+    let before = backend.next_boot();
+    let Some(booted) = backend.simulate_grub_boot()? else {
         bail!("GRUB would find nothing to boot");
     };
-    disk.set_attributes(partitions[chosen].number, table[chosen].prio.attributes())?;
-    disk.write()?;
-    let spent = table[chosen].prio != GptPrio::from_attributes(partitions[chosen].attributes);
+    drop(backend); // releases the disk's exclusive lock before reading again
+    let after = GptDisk::open(image)?
+        .partitions()
+        .into_iter()
+        .find(|p| p.number == booted.number)
+        .map(|p| p.attributes);
+    let spent = after != Some(booted.attributes);
     println!(
         "  (GRUB gptprio.next boots {}{})",
-        partitions[chosen].name,
+        booted.name,
         if spent { " and spends a try" } else { "" }
     );
-    Ok(partitions[chosen].name.clone())
+    if before.map(|s| s.to_string()) != booted.name.strip_prefix("USR-").map(str::to_string) {
+        bail!(
+            "updatectl predicted {before:?}, GRUB's rule booted {}",
+            booted.name
+        );
+    }
+    Ok(booted.name)
 }
 
 fn demo() -> Result<()> {
@@ -192,47 +202,18 @@ fn demo() -> Result<()> {
     let bin = root.join("target/debug/updatectl");
     let work = env::temp_dir().join(format!("tandem-demo-{}", std::process::id()));
     fs::create_dir_all(&work)?;
-    let image = work.join("node.img");
-    let result = demo_on(&bin, &image);
+    let result = demo_on(&bin, &work);
     let _ = fs::remove_dir_all(&work);
     result
 }
 
-fn demo_on(bin: &Path, image_path: &Path) -> Result<()> {
-    let image = image_path.to_str().context("temp path is not UTF-8")?;
+fn demo_on(bin: &Path, dir: &Path) -> Result<()> {
     say("A node's disk as ACL/Flatcar lays it out (made by sgdisk)");
-    fs::File::create(image_path)?.set_len(64 << 20)?;
-    let usr = "5DFBF5F4-2848-4BAC-AA5E-0D9A20B745A6";
-    output(Command::new("sgdisk").args([
-        "-o",
-        "-n",
-        "1:2048:+8M",
-        "-t",
-        "1:EF00",
-        "-c",
-        "1:EFI-SYSTEM",
-        "-n",
-        "3:0:+16M",
-        "-t",
-        &format!("3:{usr}"),
-        "-c",
-        "3:USR-A",
-        "-n",
-        "4:0:+16M",
-        "-t",
-        &format!("4:{usr}"),
-        "-c",
-        "4:USR-B",
-        "-n",
-        "9:0:0",
-        "-t",
-        "9:8300",
-        "-c",
-        "9:ROOT",
-        image,
-    ]))?;
-    // As the image builder ships it: A good at priority 1, B empty.
-    run(Command::new("cgpt").args(["add", "-i", "3", "-P", "1", "-S", "1", image]))?;
+    // The tests' image: ESP, USR-A, USR-B, ROOT; A good at priority 1
+    // as the image builder ships it, B empty.
+    let made = tandem_testkit::DiskImage::flatcar(dir);
+    let image = made.path_str();
+    let image_path = made.path.as_path();
     updatectl(bin, &["slots", "--disk", image])?;
 
     say("Stage an update in B: set it next, on trial (1 try)");
