@@ -232,18 +232,6 @@ impl SlotPair {
         }
         Ok(self.with(target, word.with_priority(0).with_tries(0)))
     }
-
-    /// The slot a cancel applies to: the one on trial that is not booted.
-    pub fn pending(&self, booted: Option<SlotName>) -> Option<SlotName> {
-        let trying: Vec<SlotName> = SlotName::BOTH
-            .into_iter()
-            .filter(|&slot| Some(slot) != booted && self.get(slot).status() == SlotStatus::Trying)
-            .collect();
-        match trying.as_slice() {
-            [one] => Some(*one),
-            _ => None,
-        }
-    }
 }
 
 /// One partition as `gptprio.next` sees it: whether its type is the slot
@@ -414,7 +402,6 @@ mod tests {
     #[test]
     fn cancel_undoes_set_next_only() {
         let staged = fresh().set_next(B, 1).unwrap();
-        assert_eq!(staged.pending(Some(A)), Some(B));
         let mut cancelled = staged.cancel(B).unwrap();
         assert_eq!(cancelled.b, prio(0, 0, false));
         assert_eq!(next_boot(&mut cancelled), Some(A));
@@ -422,7 +409,6 @@ mod tests {
             fresh().cancel(B),
             Err(TransitionError::NothingToCancel(_))
         ));
-        assert_eq!(fresh().pending(None), None);
     }
 
     #[test]

@@ -17,6 +17,20 @@ pub fn compare(a: &str, b: &str) -> Ordering {
     }
     let (mut i, mut j) = (0usize, 0usize);
     let at = |s: &[u8], k: usize| s.get(k).copied().unwrap_or(0);
+    // A separator on one side only: the side without it is newer. On both
+    // sides: step over it. `None` means the comparison goes on.
+    let separator = |i: &mut usize, j: &mut usize, sep: u8| -> Option<Ordering> {
+        if at(a, *i) != sep && at(b, *j) != sep {
+            return None;
+        }
+        let r = (at(a, *i) != sep).cmp(&(at(b, *j) != sep));
+        if r != Ordering::Equal {
+            return Some(r);
+        }
+        *i += 1;
+        *j += 1;
+        None
+    };
     loop {
         while at(a, i) != 0 && !is_valid_version_char(at(a, i)) {
             i += 1;
@@ -24,27 +38,15 @@ pub fn compare(a: &str, b: &str) -> Ordering {
         while at(b, j) != 0 && !is_valid_version_char(at(b, j)) {
             j += 1;
         }
-        for sep in [b'~'] {
-            if at(a, i) == sep || at(b, j) == sep {
-                let r = (at(a, i) != sep).cmp(&(at(b, j) != sep));
-                if r != Ordering::Equal {
-                    return r;
-                }
-                i += 1;
-                j += 1;
-            }
+        if let Some(r) = separator(&mut i, &mut j, b'~') {
+            return r;
         }
         if at(a, i) == 0 || at(b, j) == 0 {
             return a[i.min(a.len())..].cmp(&b[j.min(b.len())..]);
         }
         for sep in [b'-', b'^', b'.'] {
-            if at(a, i) == sep || at(b, j) == sep {
-                let r = (at(a, i) != sep).cmp(&(at(b, j) != sep));
-                if r != Ordering::Equal {
-                    return r;
-                }
-                i += 1;
-                j += 1;
+            if let Some(r) = separator(&mut i, &mut j, sep) {
+                return r;
             }
         }
         let (mut ii, mut jj) = (i, j);

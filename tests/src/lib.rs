@@ -274,3 +274,17 @@ pub fn bootctl_entries(listing: &str) -> Vec<std::collections::BTreeMap<String, 
         .filter(|fields| fields.contains_key("title"))
         .collect()
 }
+
+/// The BLS entry tandem writes for a slot running `version`: shared sort
+/// key, kernel and initrd under `/tandem/VERSION/`, `mount.usr=` naming the
+/// slot's PARTUUID.
+pub fn slot_entry(version: &str, slot_partuuid: &str) -> bootconfig::bls::NewEntry {
+    bootconfig::bls::NewEntry {
+        title: format!("Azure Container Linux {version}"),
+        version: version.to_string(),
+        sort_key: "tandem".to_string(),
+        linux: format!("/tandem/{version}/vmlinuz"),
+        initrd: vec![format!("/tandem/{version}/initrd")],
+        options: format!("mount.usr=PARTUUID={slot_partuuid} console=ttyS0"),
+    }
+}

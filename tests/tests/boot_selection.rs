@@ -5,11 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bootconfig::backend::{BlsBackend, GptPrioBackend};
-use bootconfig::bls::{BootCounter, EntriesDir, NewEntry};
+use bootconfig::bls::{BootCounter, EntriesDir};
 use bootconfig::gpt::GptDisk;
 use bootconfig::slots::find_slots;
 use bootconfig::{BootBackend, Slot, SlotLayout, SlotName};
-use tandem_testkit::{bootctl_entries, BindMount, DiskImage, TempDir};
+use tandem_testkit::{bootctl_entries, slot_entry, BindMount, DiskImage, TempDir};
 
 fn slots_of(disk: &GptDisk) -> [Slot; 2] {
     find_slots(
@@ -125,17 +125,6 @@ fn every_transition_through_the_library_matches_cgpt() {
     }
 }
 
-fn entry(version: &str, slot_partuuid: &str) -> NewEntry {
-    NewEntry {
-        title: format!("Azure Container Linux {version}"),
-        version: version.to_string(),
-        sort_key: "tandem".to_string(),
-        linux: format!("/tandem/{version}/vmlinuz"),
-        initrd: vec![format!("/tandem/{version}/initrd")],
-        options: format!("mount.usr=PARTUUID={slot_partuuid} console=ttyS0"),
-    }
-}
-
 #[test]
 fn bls_entries_are_listed_by_bootctl_as_expected() {
     let dir = TempDir::new("bls-disk");
@@ -150,13 +139,17 @@ fn bls_entries_are_listed_by_bootctl_as_expected() {
     }
     // A runs 4081.2.0 and is good; B gets the new 4081.3.0 with 3 tries.
     entries
-        .write("tandem-a", None, &entry("4081.2.0", &image.partuuid(3)))
+        .write(
+            "tandem-a",
+            None,
+            &slot_entry("4081.2.0", &image.partuuid(3)),
+        )
         .unwrap();
     entries
         .write(
             "tandem-b",
             Some(BootCounter { left: 3, done: 0 }),
-            &entry("4081.3.0", &image.partuuid(4)),
+            &slot_entry("4081.3.0", &image.partuuid(4)),
         )
         .unwrap();
     let listed = bootctl_entries(&esp.bootctl_list());

@@ -9,7 +9,7 @@ use bootconfig::backend::{BlsBackend, GptPrioBackend};
 use bootconfig::bls::EntriesDir;
 use bootconfig::gpt::{CopyHealth, GptDisk};
 use bootconfig::gptprio::SlotStatus;
-use bootconfig::{cmdline, slots, BootBackend, Guid, Slot, SlotBoot, SlotLayout, SlotName};
+use bootconfig::{cmdline, slots, BootBackend, Slot, SlotBoot, SlotLayout, SlotName};
 use serde::Serialize;
 
 /// Version of the `updatectl slots --json` document; bumped on any
@@ -237,10 +237,6 @@ fn status_word(status: SlotStatus) -> &'static str {
     }
 }
 
-fn short(guid: &Guid) -> String {
-    guid.to_string()
-}
-
 /// The human-readable table. Pure.
 pub fn render(report: &SlotsReport) -> String {
     let mut out = format!(
@@ -264,7 +260,7 @@ pub fn render(report: &SlotsReport) -> String {
         let marker = if s.booted { " (booted)" } else { "" };
         out.push_str(&format!(
             "slot {}{marker}\n  partition: {} {:?}\n  partuuid:  {}\n  offset:    {} bytes, size {} bytes\n",
-            s.slot.name, s.slot.partition_number, s.slot.label, short(&s.slot.partuuid), s.slot.offset, s.slot.size
+            s.slot.name, s.slot.partition_number, s.slot.label, s.slot.partuuid, s.slot.offset, s.slot.size
         ));
         match &s.boot {
             SlotBoot::Gptprio {

@@ -277,27 +277,23 @@ fn names_the_booted_slot_from_the_command_line() {
 
 #[test]
 fn bls_backend_through_updatectl() {
-    use bootconfig::bls::{BootCounter, EntriesDir, NewEntry};
+    use bootconfig::bls::{BootCounter, EntriesDir};
     let dir = TempDir::new("cli-bls");
     let image = DiskImage::flatcar(dir.path());
     let esp = TempDir::new("cli-bls-esp");
     let entries = EntriesDir::new(esp.path());
-    let entry = |version: &str, partuuid: String| NewEntry {
-        title: format!("ACL {version}"),
-        version: version.to_string(),
-        sort_key: "tandem".to_string(),
-        linux: "/vmlinuz".to_string(),
-        initrd: Vec::new(),
-        options: format!("mount.usr=PARTUUID={partuuid}"),
-    };
     entries
-        .write("tandem-a", None, &entry("1.0", image.partuuid(3)))
+        .write(
+            "tandem-a",
+            None,
+            &tandem_testkit::slot_entry("1.0", &image.partuuid(3)),
+        )
         .unwrap();
     entries
         .write(
             "tandem-b",
             Some(BootCounter { left: 2, done: 1 }),
-            &entry("2.0", image.partuuid(4)),
+            &tandem_testkit::slot_entry("2.0", &image.partuuid(4)),
         )
         .unwrap();
     let esp_path = esp.path().to_str().unwrap();
