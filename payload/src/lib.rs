@@ -1,4 +1,27 @@
-//! The signed payload format and the release index.
+//! tandem's payloads: the signed file format, the delta planner and maker,
+//! and the streaming, verifying applier. `FORMAT.md` specifies the format.
 //!
-//! Not built yet: this crate is filled by the "Signed payloads" issue. It is
-//! an empty library on purpose, so that nothing pretends to work.
+//! - [`format`]: header, manifest and operation types, limits.
+//! - [`validate`]: the manifest checks run before anything is written.
+//! - [`sign`]: OpenPGP signing and verification (sequoia, pure Rust).
+//! - [`container`]: reading and writing header, manifest and signature.
+//! - [`plan`]: the planner's pure decisions; [`make`] does its I/O.
+//! - [`apply`]: streamed apply with checkpoints and read-back verification.
+//! - [`digest`]: segmented SHA-256 of images, on every core.
+//! - [`summary`]: operation counts and bytes, for `inspect` and benchmarks.
+
+pub mod apply;
+pub mod container;
+pub mod digest;
+pub mod format;
+pub mod make;
+pub mod plan;
+pub mod sign;
+pub mod summary;
+pub mod validate;
+
+pub use apply::{apply, ApplyError, ApplyOptions, ApplyOutcome, Checkpoint, ComponentPaths};
+pub use container::{PayloadError, PayloadHead};
+pub use format::Manifest;
+pub use make::{make_payload, ImageInput, MakeError, MakeOptions};
+pub use sign::{Keyring, SignError, SigningKey};

@@ -1,0 +1,693 @@
+//! Applying a payload while it streams in: read once, front to back, from
+//! any byte stream. The head is verified before anything is written; each
+//! blob is hashed before it is decompressed and written (positionally, on
+//! every core); the target is read back and hashed at the end. Progress is
+//! checkpointed so an interrupted apply resumes where it stopped.
+//!
+//! Memory: at most `threads` blobs queued plus `threads` in work, each at
+//! most one blob, one reference and one output (see the limits in
+//! [`crate::format`]): under 100 MiB with two workers, whatever the image.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{self, Read};
+use std::ops::ControlFlow;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::container::{PayloadError, PayloadHead};
+use crate::digest::{digest_file, sha256, worker_count};
+use crate::format::{total_blocks, Extent, ImageRef, Operation, Sha256Hex, BLOCK_SIZE};
+use crate::make::read_extents;
+use crate::sign::Keyring;
+
+/// Why an apply failed. The slot it wrote must not be booted.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+    #[error("payload has component {0:?} but no target path was given for it")]
+    MissingTarget(String),
+    #[error("a target path was given for component {0:?}, which the payload does not have")]
+    UnknownComponent(String),
+    #[error("component {0:?} is a delta but no source path was given")]
+    MissingSource(String),
+    #[error("component {component}: target {path} holds {have} bytes, the image needs {need}")]
+    TargetTooSmall {
+        component: String,
+        path: PathBuf,
+        have: u64,
+        need: u64,
+    },
+    #[error("component {component}: source {path} holds {have} bytes, the delta reads {need}")]
+    SourceTooSmall {
+        component: String,
+        path: PathBuf,
+        have: u64,
+        need: u64,
+    },
+    #[error("component {component}: source and target are the same file ({path})")]
+    SourceIsTarget { component: String, path: PathBuf },
+    #[error("component {component}: source {path} is not the image this delta was made from (SHA-256 {found}, the payload needs {expected}); nothing was written")]
+    WrongSource {
+        component: String,
+        path: PathBuf,
+        expected: Sha256Hex,
+        found: Sha256Hex,
+    },
+    #[error("payload is truncated: the data section ends early (at byte {at} of {len})")]
+    TruncatedData { at: u64, len: u64 },
+    #[error("blob of operation {op} (data bytes {offset}..{end}) is corrupt: SHA-256 mismatch")]
+    BlobHash { op: usize, offset: u64, end: u64 },
+    #[error("operation {op}: zstd could not decode the blob: {reason}")]
+    Decode { op: usize, reason: String },
+    #[error("component {component}: target {path} does not read back as the signed image (SHA-256 {found}, expected {expected}); do not boot it")]
+    ReadBack {
+        component: String,
+        path: PathBuf,
+        expected: Sha256Hex,
+        found: Sha256Hex,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyError {
+    let context = context.into();
+    move |source| ApplyError::Io { context, source }
+}
+
+/// Where one component goes.
+#[derive(Debug, Clone)]
+pub struct ComponentPaths {
+    pub component: String,
+    /// The inactive slot (or an image file) to write.
+    pub target: PathBuf,
+    /// The running image a delta reads from.
+    pub source: Option<PathBuf>,
+}
+
+/// Tuning of an apply.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    pub threads: usize,
+    /// Where progress is recorded; `None` disables resuming.
+    pub checkpoint: Option<PathBuf>,
+    /// Write a checkpoint after this many more target bytes are done.
+    pub checkpoint_every: u64,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            threads: worker_count(),
+            checkpoint: None,
+            checkpoint_every: 64 << 20,
+        }
+    }
+}
+
+/// A resumable position: every operation before `next_op` is written and
+/// synced; the stream resumes at `data_offset` in the data section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub format_version: u32,
+    /// SHA-256 of the manifest's bytes: a checkpoint fits one payload only.
+    pub manifest_sha256: Sha256Hex,
+    pub next_op: usize,
+    pub data_offset: u64,
+    pub done_bytes: u64,
+}
+
+impl Checkpoint {
+    /// Reads a checkpoint file; `Ok(None)` when there is none.
+    pub fn load(path: &Path) -> Result<Option<Checkpoint>, ApplyError> {
+        match std::fs::read(path) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(format!("reading checkpoint {}", path.display()))(e)),
+        }
+    }
+
+    /// Writes it atomically: temporary file, fsync, rename, fsync of the folder.
+    pub fn store(&self, path: &Path) -> Result<(), ApplyError> {
+        let ctx = || format!("writing checkpoint {}", path.display());
+        let tmp = path.with_extension("tmp");
+        let bytes =
+            serde_json::to_vec_pretty(self).map_err(|e| io_err(ctx())(io::Error::other(e)))?;
+        let file = File::create(&tmp).map_err(io_err(ctx()))?;
+        file.write_all_at(&bytes, 0).map_err(io_err(ctx()))?;
+        file.sync_all().map_err(io_err(ctx()))?;
+        std::fs::rename(&tmp, path).map_err(io_err(ctx()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(ctx()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Where an apply stands, for progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    VerifyingSource,
+    Writing,
+    VerifyingTarget,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyProgress {
+    pub phase: Phase,
+    /// Target bytes written (in `Writing`).
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Payload bytes read so far.
+    pub read_bytes: u64,
+}
+
+/// How an apply ended.
+#[derive(Debug, Clone)]
+pub enum ApplyOutcome {
+    /// Every byte written and read back as the signed image.
+    Complete(ApplyReport),
+    /// Stopped on request at a checkpoint; apply again to resume.
+    Stopped(Checkpoint),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyReport {
+    pub target_version: String,
+    pub source_version: Option<String>,
+    pub signer: String,
+    /// Where this run started: 0, or the checkpoint's operation.
+    pub resumed_at_op: usize,
+    pub operations: usize,
+    pub bytes_written: u64,
+}
+
+struct Slot {
+    image: ImageRef,
+    target: File,
+    target_path: PathBuf,
+    source: Option<File>,
+}
+
+struct Job {
+    index: usize,
+    slot: usize,
+    op: Operation,
+    blob: Option<Vec<u8>>,
+}
+
+/// Applies a payload read from `reader` (positioned at its first byte).
+/// `control` is called as work progresses; `Break` stops at a checkpoint.
+pub fn apply<R: Read>(
+    mut reader: R,
+    keyring: &Keyring,
+    paths: &[ComponentPaths],
+    opts: &ApplyOptions,
+    control: &mut dyn FnMut(&ApplyProgress) -> ControlFlow<()>,
+) -> Result<ApplyOutcome, ApplyError> {
+    let head = PayloadHead::read_verified(&mut reader, keyring)?;
+    let manifest = &head.manifest;
+    let manifest_sha256 = sha256(&head.manifest_bytes);
+    for p in paths {
+        if !manifest.components.iter().any(|c| c.name == p.component) {
+            return Err(ApplyError::UnknownComponent(p.component.clone()));
+        }
+    }
+    let total_bytes: u64 = manifest.components.iter().map(|c| c.target.size).sum();
+    // Open and check everything before the first write.
+    let mut slots = Vec::new();
+    for c in &manifest.components {
+        let p = paths
+            .iter()
+            .find(|p| p.component == c.name)
+            .ok_or_else(|| ApplyError::MissingTarget(c.name.clone()))?;
+        let target = File::options()
+            .read(true)
+            .write(true)
+            .open(&p.target)
+            .map_err(io_err(format!("opening target {}", p.target.display())))?;
+        let have = device_size(&target, &p.target)?;
+        let is_regular = target
+            .metadata()
+            .map_err(io_err(format!("inspecting {}", p.target.display())))?
+            .is_file();
+        if have < c.target.size && !is_regular {
+            return Err(ApplyError::TargetTooSmall {
+                component: c.name.clone(),
+                path: p.target.clone(),
+                have,
+                need: c.target.size,
+            });
+        }
+        let source = match &c.source {
+            None => None,
+            Some(src) => {
+                let path = p
+                    .source
+                    .as_ref()
+                    .ok_or_else(|| ApplyError::MissingSource(c.name.clone()))?;
+                let file = File::open(path)
+                    .map_err(io_err(format!("opening source {}", path.display())))?;
+                if same_file(&file, &target)? {
+                    return Err(ApplyError::SourceIsTarget {
+                        component: c.name.clone(),
+                        path: path.clone(),
+                    });
+                }
+                let size = device_size(&file, path)?;
+                if size < src.size {
+                    return Err(ApplyError::SourceTooSmall {
+                        component: c.name.clone(),
+                        path: path.clone(),
+                        have: size,
+                        need: src.size,
+                    });
+                }
+                let _ = control(&ApplyProgress {
+                    phase: Phase::VerifyingSource,
+                    done_bytes: 0,
+                    total_bytes,
+                    read_bytes: head.header.data_offset(),
+                });
+                let found = digest_file(&file, src.size)
+                    .map_err(io_err(format!("hashing source {}", path.display())))?;
+                if found.sha256 != src.digest.sha256 {
+                    return Err(ApplyError::WrongSource {
+                        component: c.name.clone(),
+                        path: path.clone(),
+                        expected: src.digest.sha256,
+                        found: found.sha256,
+                    });
+                }
+                Some(file)
+            }
+        };
+        if have < c.target.size {
+            target
+                .set_len(c.target.size)
+                .map_err(io_err(format!("extending {}", p.target.display())))?;
+        }
+        slots.push(Slot {
+            image: c.target.clone(),
+            target,
+            target_path: p.target.clone(),
+            source,
+        });
+    }
+
+    // Flatten the operations; note where each one's blob would start.
+    let mut ops: Vec<(usize, &Operation, u64)> = Vec::new();
+    let mut offset = 0u64;
+    for (slot, c) in manifest.components.iter().enumerate() {
+        for op in &c.operations {
+            ops.push((slot, op, offset));
+            offset += op.blob().map_or(0, |b| b.len);
+        }
+    }
+
+    let resume = match &opts.checkpoint {
+        Some(path) => Checkpoint::load(path)?.filter(|cp| {
+            cp.manifest_sha256 == manifest_sha256
+                && cp.next_op <= ops.len()
+                && ops.get(cp.next_op).map_or(offset, |o| o.2) == cp.data_offset
+        }),
+        None => None,
+    };
+    let (start_op, mut done_bytes) = resume
+        .as_ref()
+        .map_or((0, 0), |cp| (cp.next_op, cp.done_bytes));
+    let start_offset = ops.get(start_op).map_or(offset, |o| o.2);
+    let data_start = head.header.data_offset();
+    if start_offset > 0 {
+        let skipped = io::copy(&mut (&mut reader).take(start_offset), &mut io::sink())
+            .map_err(io_err("skipping to the checkpoint"))?;
+        if skipped != start_offset {
+            return Err(ApplyError::TruncatedData {
+                at: skipped,
+                len: manifest.data_len,
+            });
+        }
+    }
+
+    let threads = opts.threads.max(1);
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(threads);
+    let job_rx = std::sync::Mutex::new(job_rx);
+    let (done_tx, done_rx) = mpsc::channel::<Result<(usize, u64), ApplyError>>();
+    let mut stopped = false;
+    let mut failure: Option<ApplyError> = None;
+    let mut completed: BTreeSet<usize> = BTreeSet::new();
+    let mut low_water = start_op;
+    let mut last_checkpoint_bytes = done_bytes;
+    let mut read_bytes = data_start + start_offset;
+
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let job_rx = &job_rx;
+            let slots = &slots;
+            scope.spawn(move || loop {
+                let job = match job_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok(job) = job else { return };
+                let index = job.index;
+                let result = run_job(&slots[job.slot], job).map(|bytes| (index, bytes));
+                if done_tx.send(result).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+
+        let mut in_flight = 0usize;
+        let mut absorb = |result: Result<(usize, u64), ApplyError>,
+                          in_flight: &mut usize,
+                          failure: &mut Option<ApplyError>,
+                          done_bytes: &mut u64,
+                          low_water: &mut usize| {
+            *in_flight -= 1;
+            match result {
+                Ok((index, bytes)) => {
+                    completed.insert(index);
+                    *done_bytes += bytes;
+                    while completed.remove(low_water) {
+                        *low_water += 1;
+                    }
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        };
+        for (index, &(slot, op, blob_offset)) in ops.iter().enumerate().skip(start_op) {
+            while let Ok(r) = done_rx.try_recv() {
+                absorb(
+                    r,
+                    &mut in_flight,
+                    &mut failure,
+                    &mut done_bytes,
+                    &mut low_water,
+                );
+            }
+            if failure.is_some() {
+                break;
+            }
+            let progress = ApplyProgress {
+                phase: Phase::Writing,
+                done_bytes,
+                total_bytes,
+                read_bytes,
+            };
+            if control(&progress).is_break() {
+                stopped = true;
+                break;
+            }
+            if done_bytes - last_checkpoint_bytes >= opts.checkpoint_every {
+                if let Some(path) = &opts.checkpoint {
+                    let at = ops.get(low_water).map_or(offset, |o| o.2);
+                    if let Err(e) =
+                        checkpoint(&slots, path, manifest_sha256, low_water, at, done_bytes)
+                    {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                last_checkpoint_bytes = done_bytes;
+            }
+            let blob = match op.blob() {
+                Some(b) => {
+                    // The validator checked b.len against MAX_BLOB_LEN.
+                    let mut buf = Vec::with_capacity(b.len as usize);
+                    match (&mut reader).take(b.len).read_to_end(&mut buf) {
+                        Ok(n) if n as u64 == b.len => {}
+                        Ok(n) => {
+                            failure = Some(ApplyError::TruncatedData {
+                                at: blob_offset + n as u64,
+                                len: manifest.data_len,
+                            });
+                            break;
+                        }
+                        Err(e) => {
+                            failure = Some(io_err("reading the payload")(e));
+                            break;
+                        }
+                    }
+                    read_bytes += b.len;
+                    Some(buf)
+                }
+                None => None,
+            };
+            let job = Job {
+                index,
+                slot,
+                op: op.clone(),
+                blob,
+            };
+            if job_tx.send(job).is_err() {
+                break;
+            }
+            in_flight += 1;
+        }
+        drop(job_tx);
+        while in_flight > 0 {
+            match done_rx.recv() {
+                Ok(r) => absorb(
+                    r,
+                    &mut in_flight,
+                    &mut failure,
+                    &mut done_bytes,
+                    &mut low_water,
+                ),
+                Err(_) => break,
+            }
+        }
+    });
+
+    if let Some(path) = &opts.checkpoint {
+        if stopped || failure.is_some() {
+            // Record what is done so a retry resumes; best effort on failure.
+            let at = ops.get(low_water).map_or(offset, |o| o.2);
+            let stored = checkpoint(&slots, path, manifest_sha256, low_water, at, done_bytes);
+            if let (Err(e), None) = (stored, &failure) {
+                return Err(e);
+            }
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if stopped {
+        let at = ops.get(low_water).map_or(offset, |o| o.2);
+        return Ok(ApplyOutcome::Stopped(Checkpoint {
+            format_version: 1,
+            manifest_sha256,
+            next_op: low_water,
+            data_offset: at,
+            done_bytes,
+        }));
+    }
+
+    for (slot, c) in slots.iter().zip(&manifest.components) {
+        slot.target
+            .sync_all()
+            .map_err(io_err(format!("syncing {}", slot.target_path.display())))?;
+        let _ = control(&ApplyProgress {
+            phase: Phase::VerifyingTarget,
+            done_bytes,
+            total_bytes,
+            read_bytes,
+        });
+        let found = digest_file(&slot.target, slot.image.size).map_err(io_err(format!(
+            "reading back {}",
+            slot.target_path.display()
+        )))?;
+        if found.sha256 != slot.image.digest.sha256 {
+            if let Some(path) = &opts.checkpoint {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(ApplyError::ReadBack {
+                component: c.name.clone(),
+                path: slot.target_path.clone(),
+                expected: slot.image.digest.sha256,
+                found: found.sha256,
+            });
+        }
+    }
+    if let Some(path) = &opts.checkpoint {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("removing checkpoint {}", path.display()))(e)),
+        }
+    }
+    Ok(ApplyOutcome::Complete(ApplyReport {
+        target_version: manifest.target_version.clone(),
+        source_version: manifest.source_version.clone(),
+        signer: head.signer.clone().unwrap_or_default(),
+        resumed_at_op: start_op,
+        operations: ops.len(),
+        bytes_written: total_bytes,
+    }))
+}
+
+fn checkpoint(
+    slots: &[Slot],
+    path: &Path,
+    manifest_sha256: Sha256Hex,
+    next_op: usize,
+    data_offset: u64,
+    done_bytes: u64,
+) -> Result<(), ApplyError> {
+    // Written blocks reach the disk before the checkpoint says they did.
+    for s in slots {
+        s.target
+            .sync_data()
+            .map_err(io_err(format!("syncing {}", s.target_path.display())))?;
+    }
+    Checkpoint {
+        format_version: 1,
+        manifest_sha256,
+        next_op,
+        data_offset,
+        done_bytes,
+    }
+    .store(path)
+}
+
+fn device_size(file: &File, path: &Path) -> Result<u64, ApplyError> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
+        .map_err(io_err(format!("sizing {}", path.display())))
+}
+
+fn same_file(a: &File, b: &File) -> Result<bool, ApplyError> {
+    let ma = a.metadata().map_err(io_err("inspecting source"))?;
+    let mb = b.metadata().map_err(io_err("inspecting target"))?;
+    let same_inode = ma.dev() == mb.dev() && ma.ino() == mb.ino();
+    let same_device = ma.rdev() != 0 && ma.rdev() == mb.rdev();
+    Ok(same_inode || same_device)
+}
+
+/// Runs one operation; returns the target bytes it wrote.
+fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
+    let dst = job.op.dst();
+    let out_len = total_blocks(dst) * BLOCK_SIZE;
+    let write_err = || io_err(format!("writing {}", slot.target_path.display()));
+    match &job.op {
+        Operation::Zero { .. } => {
+            let zeros = vec![0u8; 1 << 20];
+            for e in dst {
+                let mut pos = e.start() * BLOCK_SIZE;
+                let end = pos + e.count() * BLOCK_SIZE;
+                while pos < end {
+                    let n = (end - pos).min(zeros.len() as u64) as usize;
+                    slot.target
+                        .write_all_at(&zeros[..n], pos)
+                        .map_err(write_err())?;
+                    pos += n as u64;
+                }
+            }
+        }
+        Operation::Copy { src, .. } => {
+            let source = slot
+                .source
+                .as_ref()
+                .ok_or_else(|| ApplyError::MissingSource(String::new()))?;
+            copy_extents(source, src, &slot.target, dst).map_err(write_err())?;
+        }
+        Operation::Data { blob, .. } | Operation::Patch { blob, .. } => {
+            let bytes = job.blob.unwrap_or_default();
+            if sha256(&bytes) != blob.sha256 {
+                return Err(ApplyError::BlobHash {
+                    op: job.index,
+                    offset: blob.offset,
+                    end: blob.offset + blob.len,
+                });
+            }
+            let reference = match (&job.op, &slot.source) {
+                (Operation::Patch { src, .. }, Some(source)) => {
+                    Some(read_extents(source, src).map_err(io_err("reading the source"))?)
+                }
+                _ => None,
+            };
+            let out = zstd_decompress(&bytes, reference.as_deref(), out_len as usize).map_err(
+                |reason| ApplyError::Decode {
+                    op: job.index,
+                    reason,
+                },
+            )?;
+            write_extents(&slot.target, dst, &out).map_err(write_err())?;
+        }
+    }
+    Ok(out_len)
+}
+
+/// Decompresses a zstd frame that must yield exactly `len` bytes.
+pub fn zstd_decompress(
+    blob: &[u8],
+    reference: Option<&[u8]>,
+    len: usize,
+) -> Result<Vec<u8>, String> {
+    let mut dctx = zstd_safe::DCtx::create();
+    let name = |code: usize| zstd_safe::get_error_name(code).to_owned();
+    if let Some(r) = reference {
+        dctx.ref_prefix(r).map_err(name)?;
+    }
+    let mut out = Vec::with_capacity(len);
+    let n = dctx.decompress(&mut out, blob).map_err(name)?;
+    if n != len {
+        return Err(format!("decoded {n} bytes, the operation writes {len}"));
+    }
+    Ok(out)
+}
+
+fn write_extents(file: &File, extents: &[Extent], data: &[u8]) -> io::Result<()> {
+    let mut pos = 0usize;
+    for e in extents {
+        let len = (e.count() * BLOCK_SIZE) as usize;
+        file.write_all_at(&data[pos..pos + len], e.start() * BLOCK_SIZE)?;
+        pos += len;
+    }
+    Ok(())
+}
+
+/// Copies the concatenated `src` blocks into the concatenated `dst` blocks
+/// through a 1 MiB buffer.
+fn copy_extents(source: &File, src: &[Extent], target: &File, dst: &[Extent]) -> io::Result<()> {
+    const PIECE: u64 = 256; // blocks
+    let mut buf = vec![0u8; (PIECE * BLOCK_SIZE) as usize];
+    let mut d = dst.iter().copied();
+    let mut cur_dst: Option<Extent> = None;
+    for s in src {
+        let mut s_pos = s.start();
+        let s_end = s.start() + s.count();
+        while s_pos < s_end {
+            let dext = match cur_dst.take().or_else(|| d.next()) {
+                Some(e) => e,
+                None => return Err(io::Error::other("copy extents do not line up")),
+            };
+            let n = (s_end - s_pos).min(dext.count()).min(PIECE);
+            let bytes = (n * BLOCK_SIZE) as usize;
+            source.read_exact_at(&mut buf[..bytes], s_pos * BLOCK_SIZE)?;
+            target.write_all_at(&buf[..bytes], dext.start() * BLOCK_SIZE)?;
+            s_pos += n;
+            if dext.count() > n {
+                cur_dst = Some(Extent(dext.start() + n, dext.count() - n));
+            }
+        }
+    }
+    Ok(())
+}

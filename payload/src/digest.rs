@@ -1,0 +1,120 @@
+//! Image digests: SHA-256 per 16 MiB segment, hashed on every core, and a
+//! root over the segment hashes (see [`crate::format::Digest`]).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::format::{Digest, Sha256Hex, DIGEST_SEGMENT};
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> Sha256Hex {
+    Sha256Hex(Sha256::digest(data).into())
+}
+
+/// The root hash over a list of segment hashes.
+pub fn root_of(segments: &[Sha256Hex]) -> Sha256Hex {
+    let mut h = Sha256::new();
+    for s in segments {
+        h.update(s.0);
+    }
+    Sha256Hex(h.finalize().into())
+}
+
+/// How many worker threads to use for CPU-bound work.
+pub fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 16))
+}
+
+/// Digest of the first `size` bytes of `file`. Fails if the file is shorter.
+pub fn digest_file(file: &File, size: u64) -> io::Result<Digest> {
+    let count = usize::try_from(size.div_ceil(DIGEST_SEGMENT))
+        .map_err(|_| io::Error::other("image too large"))?;
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Sha256Hex>>> = Mutex::new(vec![None; count]);
+    let first_error: Mutex<Option<io::Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..worker_count().min(count.max(1)) {
+            scope.spawn(|| {
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= count {
+                        return;
+                    }
+                    match hash_segment(file, size, index as u64, &mut buf) {
+                        Ok(h) => {
+                            if let Ok(mut r) = results.lock() {
+                                r[index] = Some(h);
+                            }
+                        }
+                        Err(e) => {
+                            if let Ok(mut slot) = first_error.lock() {
+                                slot.get_or_insert(e);
+                            }
+                            next.store(count, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    let segments = results
+        .into_inner()
+        .map_err(|_| io::Error::other("digest worker panicked"))?
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| io::Error::other("digest worker stopped early"))?;
+    let sha256 = root_of(&segments);
+    Ok(Digest {
+        segment_size: DIGEST_SEGMENT,
+        segments,
+        sha256,
+    })
+}
+
+fn hash_segment(file: &File, size: u64, index: u64, buf: &mut [u8]) -> io::Result<Sha256Hex> {
+    let start = index * DIGEST_SEGMENT;
+    let end = (start + DIGEST_SEGMENT).min(size);
+    let mut h = Sha256::new();
+    let mut pos = start;
+    while pos < end {
+        let n = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
+        file.read_exact_at(&mut buf[..n], pos)?;
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(Sha256Hex(h.finalize().into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn digest_matches_sequential_hashing_and_rejects_short_files() {
+        let dir = std::env::temp_dir().join(format!("tandem-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("img");
+        let data: Vec<u8> = (0..(DIGEST_SEGMENT + 8192))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        File::create(&path).unwrap().write_all(&data).unwrap();
+        let f = File::open(&path).unwrap();
+        let d = digest_file(&f, data.len() as u64).unwrap();
+        let seg = DIGEST_SEGMENT as usize;
+        assert_eq!(d.segments, vec![sha256(&data[..seg]), sha256(&data[seg..])]);
+        assert_eq!(d.sha256, root_of(&d.segments));
+        assert!(digest_file(&f, data.len() as u64 + 4096).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

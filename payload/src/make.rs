@@ -1,0 +1,595 @@
+//! Making payloads: reads the images, asks [`crate::plan`] what to do with
+//! each block, encodes the new bytes on every core, and writes the signed
+//! file. Memory stays bounded: the source's block and anchor indexes (about
+//! 30 bytes per 4 KiB of source) and a few chunks in flight.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::container::{write_payload, PayloadError};
+use crate::digest::{digest_file, sha256, worker_count};
+use crate::format::{
+    total_blocks, Blob, Component, Extent, ImageRef, Manifest, Operation, BLOCK_SIZE,
+    FORMAT_VERSION, MAX_OP_OUTPUT, MAX_REFERENCE_LEN,
+};
+use crate::plan::{self, AnchorIndex, BlockClass, Grouping, PlannedOp};
+use crate::sign::SigningKey;
+
+const BS: usize = BLOCK_SIZE as usize;
+/// Images are read in pieces of this size.
+const READ_CHUNK: usize = 4 << 20;
+
+/// Why a payload could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum MakeError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image {path}: {problem}")]
+    Image { path: PathBuf, problem: String },
+    #[error("zstd: {0}")]
+    Zstd(&'static str),
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> MakeError {
+    let context = context.into();
+    move |source| MakeError::Io { context, source }
+}
+
+/// Tuning of the maker; the defaults are what `tandem-release` uses.
+#[derive(Debug, Clone)]
+pub struct MakeOptions {
+    /// zstd level for every blob.
+    pub level: i32,
+    pub threads: usize,
+    pub grouping: Grouping,
+    /// Most source blocks one patch may use as its reference.
+    pub reference_blocks: u64,
+    /// Name of the (single) component.
+    pub component: String,
+}
+
+impl Default for MakeOptions {
+    fn default() -> Self {
+        MakeOptions {
+            level: 19,
+            threads: worker_count(),
+            grouping: Grouping {
+                literal_blocks: MAX_OP_OUTPUT / BLOCK_SIZE / 2,
+                bulk_blocks: 16384,
+            },
+            reference_blocks: (MAX_REFERENCE_LEN / BLOCK_SIZE) * 2 / 3,
+            component: "usr".into(),
+        }
+    }
+}
+
+/// An image to read: its path and the version it is.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageInput<'a> {
+    pub path: &'a Path,
+    pub version: &'a str,
+}
+
+/// Progress of a long step: `done` of `total` units of `phase`.
+#[derive(Debug, Clone, Copy)]
+pub struct MakeProgress {
+    pub phase: &'static str,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Makes a full payload (`source` is `None`) or a delta, and writes it to
+/// `out` (through a temporary file renamed into place).
+pub fn make_payload(
+    target: ImageInput<'_>,
+    source: Option<ImageInput<'_>>,
+    key: &SigningKey,
+    opts: &MakeOptions,
+    out: &Path,
+    progress: &(dyn Fn(MakeProgress) + Sync),
+) -> Result<Manifest, MakeError> {
+    let target_file = open_image(target.path)?;
+    let target_size = image_size(&target_file, target.path)?;
+    progress(MakeProgress {
+        phase: "hashing images",
+        done: 0,
+        total: 1,
+    });
+    let target_digest = digest_file(&target_file, target_size)
+        .map_err(io_err(format!("hashing {}", target.path.display())))?;
+    let source_state = match source {
+        Some(input) => {
+            let file = open_image(input.path)?;
+            let size = image_size(&file, input.path)?;
+            let digest = digest_file(&file, size)
+                .map_err(io_err(format!("hashing {}", input.path.display())))?;
+            let index = index_source(&file, size, opts.threads, progress)
+                .map_err(io_err(format!("reading {}", input.path.display())))?;
+            Some((input, file, size, digest, index))
+        }
+        None => None,
+    };
+    let source_view = source_state
+        .as_ref()
+        .map(|(_, file, size, _, index)| SourceView {
+            file,
+            blocks: size / BLOCK_SIZE,
+            index,
+        });
+    let classes = classify_target(
+        &target_file,
+        target_size,
+        source_view.as_ref(),
+        opts.threads,
+        progress,
+    )
+    .map_err(io_err(format!("reading {}", target.path.display())))?;
+    let planned = plan::group_blocks(&classes, opts.grouping);
+    drop(classes);
+
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let data_path = temp_path(dir, out, "data");
+    let data_file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&data_path)
+        .map_err(io_err(format!("creating {}", data_path.display())))?;
+    let result = encode_all(
+        &planned,
+        &target_file,
+        source_view.as_ref(),
+        opts,
+        &data_file,
+        progress,
+    );
+    let (operations, data_len) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(&data_path);
+            return Err(e);
+        }
+    };
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        block_size: BLOCK_SIZE,
+        target_version: target.version.to_owned(),
+        source_version: source_state.as_ref().map(|s| s.0.version.to_owned()),
+        data_len,
+        components: vec![Component {
+            name: opts.component.clone(),
+            target: ImageRef {
+                size: target_size,
+                digest: target_digest,
+            },
+            source: source_state
+                .as_ref()
+                .map(|(_, _, size, digest, _)| ImageRef {
+                    size: *size,
+                    digest: digest.clone(),
+                }),
+            operations,
+        }],
+    };
+    let written = write_final(out, dir, &manifest, key, &data_file);
+    let _ = std::fs::remove_file(&data_path);
+    written?;
+    Ok(manifest)
+}
+
+fn temp_path(dir: &Path, out: &Path, what: &str) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "payload".into());
+    dir.join(format!(".{name}.{what}.{}", std::process::id()))
+}
+
+fn write_final(
+    out: &Path,
+    dir: &Path,
+    manifest: &Manifest,
+    key: &SigningKey,
+    data_file: &File,
+) -> Result<(), MakeError> {
+    let tmp = temp_path(dir, out, "tmp");
+    let result = (|| {
+        let file = File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+        let mut writer = BufWriter::with_capacity(1 << 20, file);
+        let mut data = data_file;
+        data.seek(SeekFrom::Start(0))
+            .map_err(io_err("rewinding the data section"))?;
+        write_payload(&mut writer, manifest, key, &mut data)?;
+        let file = writer.into_inner().map_err(|e| MakeError::Io {
+            context: format!("writing {}", tmp.display()),
+            source: e.into_error(),
+        })?;
+        file.sync_all()
+            .map_err(io_err(format!("syncing {}", tmp.display())))?;
+        std::fs::rename(&tmp, out).map_err(io_err(format!("renaming to {}", out.display())))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn open_image(path: &Path) -> Result<File, MakeError> {
+    File::open(path).map_err(io_err(format!("opening {}", path.display())))
+}
+
+/// Size of a regular file or block device.
+pub fn image_size(file: &File, path: &Path) -> Result<u64, MakeError> {
+    let mut f = file;
+    let size = f
+        .seek(SeekFrom::End(0))
+        .map_err(io_err(format!("sizing {}", path.display())))?;
+    if size == 0 || size % BLOCK_SIZE != 0 {
+        return Err(MakeError::Image {
+            path: path.to_owned(),
+            problem: format!("size {size} is not a positive multiple of 4096 bytes"),
+        });
+    }
+    Ok(size)
+}
+
+struct SourceView<'a> {
+    file: &'a File,
+    blocks: u64,
+    index: &'a SourceIndex,
+}
+
+/// Where each source block's content is, and where its anchors are.
+struct SourceIndex {
+    /// xxh3 of a block's bytes -> the first source block with them.
+    blocks: HashMap<u64, u32>,
+    anchors: AnchorIndex,
+}
+
+fn block_hash(block: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(block)
+}
+
+/// Splits `0..blocks` into `parts` contiguous ranges.
+fn split_range(blocks: u64, parts: usize) -> Vec<(u64, u64)> {
+    let parts = parts.max(1) as u64;
+    let per = blocks.div_ceil(parts).max(1);
+    (0..parts)
+        .map(|i| (i * per, ((i + 1) * per).min(blocks)))
+        .filter(|(a, b)| a < b)
+        .collect()
+}
+
+fn index_source(
+    file: &File,
+    size: u64,
+    threads: usize,
+    progress: &(dyn Fn(MakeProgress) + Sync),
+) -> io::Result<SourceIndex> {
+    let blocks = size / BLOCK_SIZE;
+    let done = AtomicUsize::new(0);
+    let parts: Vec<io::Result<(Vec<(u64, u32)>, Vec<(u64, u32)>)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = split_range(blocks, threads)
+            .into_iter()
+            .map(|(first, end)| {
+                let done = &done;
+                scope.spawn(move || -> io::Result<_> {
+                    let mut hashes = Vec::new();
+                    let mut anchors = Vec::new();
+                    let mut buf = vec![0u8; READ_CHUNK];
+                    let mut block = first;
+                    while block < end {
+                        let n = ((end - block) as usize * BS).min(READ_CHUNK);
+                        file.read_exact_at(&mut buf[..n], block * BLOCK_SIZE)?;
+                        for (i, b) in buf[..n].chunks(BS).enumerate() {
+                            if !plan::is_zero(b) {
+                                hashes.push((block_hash(b), (block + i as u64) as u32));
+                            }
+                        }
+                        plan::for_each_anchor(&buf[..n], |h, off| {
+                            anchors.push((h, (block + (off / BS) as u64) as u32));
+                        });
+                        block += (n / BS) as u64;
+                        let d = done.fetch_add(n / BS, Ordering::Relaxed) + n / BS;
+                        progress(MakeProgress {
+                            phase: "indexing source",
+                            done: d as u64,
+                            total: blocks,
+                        });
+                    }
+                    Ok((hashes, anchors))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("indexing thread panicked")))
+            })
+            .collect()
+    });
+    let mut map = HashMap::new();
+    let mut all_anchors = Vec::new();
+    for part in parts {
+        let (hashes, anchors) = part?;
+        for (h, b) in hashes {
+            map.entry(h).or_insert(b);
+        }
+        all_anchors.extend(anchors);
+    }
+    Ok(SourceIndex {
+        blocks: map,
+        anchors: AnchorIndex::from_entries(all_anchors),
+    })
+}
+
+fn classify_target(
+    target: &File,
+    size: u64,
+    source: Option<&SourceView<'_>>,
+    threads: usize,
+    progress: &(dyn Fn(MakeProgress) + Sync),
+) -> io::Result<Vec<BlockClass>> {
+    let blocks = size / BLOCK_SIZE;
+    let done = AtomicUsize::new(0);
+    let parts: Vec<io::Result<Vec<BlockClass>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = split_range(blocks, threads)
+            .into_iter()
+            .map(|(first, end)| {
+                let done = &done;
+                scope.spawn(move || -> io::Result<Vec<BlockClass>> {
+                    let mut classes = Vec::with_capacity((end - first) as usize);
+                    let mut buf = vec![0u8; READ_CHUNK];
+                    let mut same = vec![0u8; READ_CHUNK];
+                    let mut other = vec![0u8; BS];
+                    let mut block = first;
+                    while block < end {
+                        let n = ((end - block) as usize * BS).min(READ_CHUNK);
+                        target.read_exact_at(&mut buf[..n], block * BLOCK_SIZE)?;
+                        // The source at the same position: the usual match.
+                        let same_len = match source {
+                            Some(s) if block < s.blocks => {
+                                let len = n.min(((s.blocks - block) as usize) * BS);
+                                s.file.read_exact_at(&mut same[..len], block * BLOCK_SIZE)?;
+                                len
+                            }
+                            _ => 0,
+                        };
+                        for (i, b) in buf[..n].chunks(BS).enumerate() {
+                            let here = block + i as u64;
+                            let class = if plan::is_zero(b) {
+                                BlockClass::Zero
+                            } else if let Some(s) = source {
+                                if (i + 1) * BS <= same_len && same[i * BS..(i + 1) * BS] == *b {
+                                    BlockClass::Copy(here)
+                                } else {
+                                    match s.index.blocks.get(&block_hash(b)) {
+                                        Some(&src) => {
+                                            s.file.read_exact_at(
+                                                &mut other,
+                                                u64::from(src) * BLOCK_SIZE,
+                                            )?;
+                                            if other == b {
+                                                BlockClass::Copy(u64::from(src))
+                                            } else {
+                                                BlockClass::Literal
+                                            }
+                                        }
+                                        None => BlockClass::Literal,
+                                    }
+                                }
+                            } else {
+                                BlockClass::Literal
+                            };
+                            classes.push(class);
+                        }
+                        block += (n / BS) as u64;
+                        let d = done.fetch_add(n / BS, Ordering::Relaxed) + n / BS;
+                        progress(MakeProgress {
+                            phase: "matching target blocks",
+                            done: d as u64,
+                            total: blocks,
+                        });
+                    }
+                    Ok(classes)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("matching thread panicked")))
+            })
+            .collect()
+    });
+    let mut classes = Vec::with_capacity(blocks as usize);
+    for part in parts {
+        classes.extend(part?);
+    }
+    Ok(classes)
+}
+
+/// Reads the blocks of `extents` from `file`, concatenated.
+pub fn read_extents(file: &File, extents: &[Extent]) -> io::Result<Vec<u8>> {
+    let mut out = vec![0u8; (total_blocks(extents) * BLOCK_SIZE) as usize];
+    let mut pos = 0usize;
+    for e in extents {
+        let len = (e.count() * BLOCK_SIZE) as usize;
+        file.read_exact_at(&mut out[pos..pos + len], e.start() * BLOCK_SIZE)?;
+        pos += len;
+    }
+    Ok(out)
+}
+
+/// Compresses `data` with zstd at `level`, optionally against `reference`
+/// as a raw prefix. The window covers reference and data.
+pub fn zstd_compress(
+    data: &[u8],
+    reference: Option<&[u8]>,
+    level: i32,
+) -> Result<Vec<u8>, MakeError> {
+    use zstd_safe::{CCtx, CParameter};
+    let fail = |code: usize| MakeError::Zstd(zstd_safe::get_error_name(code));
+    let mut cctx = CCtx::create();
+    let total = data.len() + reference.map_or(0, <[u8]>::len);
+    let window_log = (usize::BITS - total.max(2).saturating_sub(1).leading_zeros()).clamp(10, 25);
+    cctx.set_parameter(CParameter::CompressionLevel(level))
+        .map_err(fail)?;
+    cctx.set_parameter(CParameter::WindowLog(window_log))
+        .map_err(fail)?;
+    cctx.set_pledged_src_size(Some(data.len() as u64))
+        .map_err(fail)?;
+    if let Some(r) = reference {
+        cctx.ref_prefix(r).map_err(fail)?;
+    }
+    let mut out = Vec::with_capacity(zstd_safe::compress_bound(data.len()));
+    cctx.compress2(&mut out, data).map_err(fail)?;
+    Ok(out)
+}
+
+/// An encoded literal operation: the operation (blob offset still 0) and
+/// its blob.
+type Encoded = (Operation, Vec<u8>);
+
+fn encode_literal(
+    dst: &[Extent],
+    target: &File,
+    source: Option<&SourceView<'_>>,
+    opts: &MakeOptions,
+) -> Result<Encoded, MakeError> {
+    let data = read_extents(target, dst).map_err(io_err("reading target blocks"))?;
+    let blob_of = |bytes: &[u8]| Blob {
+        offset: 0,
+        len: bytes.len() as u64,
+        sha256: sha256(bytes),
+    };
+    let mut best: Option<Encoded> = None;
+    if let Some(s) = source {
+        let src =
+            plan::choose_reference(&data, &s.index.anchors, s.blocks, opts.reference_blocks, 2);
+        if !src.is_empty() {
+            let reference = read_extents(s.file, &src).map_err(io_err("reading source blocks"))?;
+            let blob = zstd_compress(&data, Some(&reference), opts.level)?;
+            best = Some((
+                Operation::Patch {
+                    dst: dst.to_vec(),
+                    src,
+                    blob: blob_of(&blob),
+                },
+                blob,
+            ));
+        }
+    }
+    // A weak patch may lose to plain compression: try it then, too.
+    let try_plain = match &best {
+        None => true,
+        Some((_, blob)) => blob.len() * 3 > data.len(),
+    };
+    if try_plain {
+        let blob = zstd_compress(&data, None, opts.level)?;
+        if best.as_ref().is_none_or(|(_, b)| blob.len() < b.len()) {
+            best = Some((
+                Operation::Data {
+                    dst: dst.to_vec(),
+                    blob: blob_of(&blob),
+                },
+                blob,
+            ));
+        }
+    }
+    best.ok_or(MakeError::Zstd("no encoding produced"))
+}
+
+/// Encodes every planned operation, writing blobs in order to `data_file`.
+fn encode_all(
+    planned: &[PlannedOp],
+    target: &File,
+    source: Option<&SourceView<'_>>,
+    opts: &MakeOptions,
+    data_file: &File,
+    progress: &(dyn Fn(MakeProgress) + Sync),
+) -> Result<(Vec<Operation>, u64), MakeError> {
+    let literal_total: u64 = planned
+        .iter()
+        .map(|op| match op {
+            PlannedOp::Literal(d) => total_blocks(d),
+            _ => 0,
+        })
+        .sum();
+    let mut literal_done = 0u64;
+    let mut operations = Vec::with_capacity(planned.len());
+    let mut offset = 0u64;
+    let mut writer = BufWriter::with_capacity(1 << 20, data_file);
+    let batch_len = opts.threads.max(1) * 3;
+    for batch in planned.chunks(batch_len) {
+        let next = AtomicUsize::new(0);
+        let results: Mutex<Vec<Option<Result<Encoded, MakeError>>>> =
+            Mutex::new((0..batch.len()).map(|_| None).collect());
+        std::thread::scope(|scope| {
+            for _ in 0..opts.threads.max(1) {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(op) = batch.get(i) else { return };
+                    if let PlannedOp::Literal(dst) = op {
+                        let r = encode_literal(dst, target, source, opts);
+                        if let Ok(mut all) = results.lock() {
+                            all[i] = Some(r);
+                        }
+                    }
+                });
+            }
+        });
+        let mut results = results
+            .into_inner()
+            .map_err(|_| MakeError::Zstd("encoder thread panicked"))?;
+        for (i, op) in batch.iter().enumerate() {
+            match op {
+                PlannedOp::Zero(dst) => operations.push(Operation::Zero { dst: dst.clone() }),
+                PlannedOp::Copy { dst, src } => operations.push(Operation::Copy {
+                    dst: dst.clone(),
+                    src: src.clone(),
+                }),
+                PlannedOp::Literal(dst) => {
+                    let (mut operation, blob) = results[i]
+                        .take()
+                        .ok_or(MakeError::Zstd("encoder thread stopped early"))??;
+                    writer
+                        .write_all(&blob)
+                        .map_err(io_err("writing the data section"))?;
+                    if let Operation::Data { blob: b, .. } | Operation::Patch { blob: b, .. } =
+                        &mut operation
+                    {
+                        b.offset = offset;
+                    }
+                    offset += blob.len() as u64;
+                    operations.push(operation);
+                    literal_done += total_blocks(dst);
+                }
+            }
+        }
+        progress(MakeProgress {
+            phase: "encoding new blocks",
+            done: literal_done,
+            total: literal_total,
+        });
+    }
+    writer.flush().map_err(io_err("writing the data section"))?;
+    Ok((operations, offset))
+}

@@ -1,0 +1,439 @@
+//! Checks a (signature-verified) manifest before anything is written: every
+//! destination block of each component written exactly once, nothing read
+//! outside the source, blobs laid out front to back, sizes within limits.
+//! Pure: no I/O.
+
+use crate::format::{
+    total_blocks, Digest, Extent, Manifest, Operation, BLOCK_SIZE, DIGEST_SEGMENT, FORMAT_VERSION,
+    MAX_BLOB_LEN, MAX_COMPONENTS, MAX_IMAGE_SIZE, MAX_OP_OUTPUT, MAX_REFERENCE_LEN,
+};
+
+/// What is wrong with a manifest. Each names the component and operation.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    #[error("manifest is not valid JSON for format version {FORMAT_VERSION}: {0}")]
+    Syntax(String),
+    #[error("manifest format version {0} is not supported")]
+    Version(u32),
+    #[error("manifest block size {0} is not 4096")]
+    BlockSize(u64),
+    #[error("manifest has {0} components (must be 1 to {MAX_COMPONENTS})")]
+    ComponentCount(usize),
+    #[error("component name {0:?} is invalid or repeated")]
+    ComponentName(String),
+    #[error("manifest data length {manifest} does not match the header's {header}")]
+    DataLenMismatch { manifest: u64, header: u64 },
+    #[error(
+        "component {component}: {what} size {size} is not a positive multiple of 4096 up to 16 TiB"
+    )]
+    ImageSize {
+        component: String,
+        what: &'static str,
+        size: u64,
+    },
+    #[error(
+        "component {component}: {what} digest does not describe {size} bytes in 16 MiB segments"
+    )]
+    Digest {
+        component: String,
+        what: &'static str,
+        size: u64,
+    },
+    #[error("manifest names a source version but no component has a source, or the reverse")]
+    SourceMismatch,
+    #[error("component {component}, operation {op}: {problem}")]
+    Operation {
+        component: String,
+        op: usize,
+        problem: String,
+    },
+    #[error("component {component}: destination blocks {first}..{end} are written twice")]
+    Overlap {
+        component: String,
+        first: u64,
+        end: u64,
+    },
+    #[error("component {component}: destination blocks {first}..{end} are never written")]
+    Gap {
+        component: String,
+        first: u64,
+        end: u64,
+    },
+    #[error(
+        "blobs do not fill the data section: they end at {end}, the section is {data_len} bytes"
+    )]
+    DataLayout { end: u64, data_len: u64 },
+}
+
+/// Parses manifest bytes and validates them; `header_data_len` is the data
+/// section length the header declared.
+pub fn parse_and_validate(bytes: &[u8], header_data_len: u64) -> Result<Manifest, ManifestError> {
+    let manifest: Manifest =
+        serde_json::from_slice(bytes).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+    validate(&manifest, header_data_len)?;
+    Ok(manifest)
+}
+
+/// Validates a parsed manifest.
+pub fn validate(m: &Manifest, header_data_len: u64) -> Result<(), ManifestError> {
+    if m.format_version != FORMAT_VERSION {
+        return Err(ManifestError::Version(m.format_version));
+    }
+    if m.block_size != BLOCK_SIZE {
+        return Err(ManifestError::BlockSize(m.block_size));
+    }
+    if m.components.is_empty() || m.components.len() > MAX_COMPONENTS {
+        return Err(ManifestError::ComponentCount(m.components.len()));
+    }
+    if m.data_len != header_data_len {
+        return Err(ManifestError::DataLenMismatch {
+            manifest: m.data_len,
+            header: header_data_len,
+        });
+    }
+    if m.source_version.is_some() != m.is_delta() {
+        return Err(ManifestError::SourceMismatch);
+    }
+    let mut names: Vec<&str> = Vec::new();
+    let mut blob_end = 0u64;
+    for c in &m.components {
+        if !valid_name(&c.name) || names.contains(&c.name.as_str()) {
+            return Err(ManifestError::ComponentName(c.name.clone()));
+        }
+        names.push(&c.name);
+        check_image(&c.name, "target", c.target.size, &c.target.digest)?;
+        let source_blocks = match &c.source {
+            Some(s) => {
+                check_image(&c.name, "source", s.size, &s.digest)?;
+                Some(s.size / BLOCK_SIZE)
+            }
+            None => None,
+        };
+        let target_blocks = c.target.size / BLOCK_SIZE;
+        let mut dst_all: Vec<Extent> = Vec::new();
+        for (i, op) in c.operations.iter().enumerate() {
+            let bad = |problem: String| ManifestError::Operation {
+                component: c.name.clone(),
+                op: i,
+                problem,
+            };
+            check_op(op, target_blocks, source_blocks).map_err(bad)?;
+            if let Some(blob) = op.blob() {
+                if blob.offset != blob_end {
+                    return Err(bad(format!(
+                        "blob starts at {} but the previous one ends at {blob_end}",
+                        blob.offset
+                    )));
+                }
+                blob_end = blob_end.saturating_add(blob.len);
+            }
+            dst_all.extend_from_slice(op.dst());
+        }
+        check_coverage(&c.name, dst_all, target_blocks)?;
+    }
+    if blob_end != m.data_len {
+        return Err(ManifestError::DataLayout {
+            end: blob_end,
+            data_len: m.data_len,
+        });
+    }
+    Ok(())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn check_image(
+    component: &str,
+    what: &'static str,
+    size: u64,
+    digest: &Digest,
+) -> Result<(), ManifestError> {
+    if size == 0 || size % BLOCK_SIZE != 0 || size > MAX_IMAGE_SIZE {
+        return Err(ManifestError::ImageSize {
+            component: component.to_owned(),
+            what,
+            size,
+        });
+    }
+    let segments = size.div_ceil(DIGEST_SEGMENT);
+    if digest.segment_size != DIGEST_SEGMENT || digest.segments.len() as u64 != segments {
+        return Err(ManifestError::Digest {
+            component: component.to_owned(),
+            what,
+            size,
+        });
+    }
+    if crate::digest::root_of(&digest.segments) != digest.sha256 {
+        return Err(ManifestError::Digest {
+            component: component.to_owned(),
+            what,
+            size,
+        });
+    }
+    Ok(())
+}
+
+fn check_op(op: &Operation, target_blocks: u64, source_blocks: Option<u64>) -> Result<(), String> {
+    let dst = op.dst();
+    if dst.is_empty() {
+        return Err("no destination extents".into());
+    }
+    check_extents(dst, target_blocks, "destination")?;
+    let dst_blocks = total_blocks(dst);
+    let src = op.src();
+    if !src.is_empty() || matches!(op, Operation::Copy { .. } | Operation::Patch { .. }) {
+        let Some(source_blocks) = source_blocks else {
+            return Err("reads a source, but the component has none".into());
+        };
+        if src.is_empty() {
+            return Err("no source extents".into());
+        }
+        check_extents(src, source_blocks, "source")?;
+    }
+    let src_blocks = total_blocks(src);
+    match op {
+        Operation::Zero { .. } => {}
+        Operation::Copy { .. } => {
+            if src_blocks != dst_blocks {
+                return Err(format!(
+                    "copies {src_blocks} source blocks into {dst_blocks} destination blocks"
+                ));
+            }
+        }
+        Operation::Data { .. } | Operation::Patch { .. } => {
+            if dst_blocks * BLOCK_SIZE > MAX_OP_OUTPUT {
+                return Err(format!(
+                    "writes {} bytes, over the limit of {MAX_OP_OUTPUT} per blob",
+                    dst_blocks * BLOCK_SIZE
+                ));
+            }
+            if src_blocks * BLOCK_SIZE > MAX_REFERENCE_LEN {
+                return Err(format!(
+                    "references {} source bytes, over the limit of {MAX_REFERENCE_LEN}",
+                    src_blocks * BLOCK_SIZE
+                ));
+            }
+        }
+    }
+    if let Some(blob) = op.blob() {
+        if blob.len == 0 || blob.len > MAX_BLOB_LEN {
+            return Err(format!(
+                "blob length {} is not between 1 and {MAX_BLOB_LEN}",
+                blob.len
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_extents(extents: &[Extent], limit_blocks: u64, what: &str) -> Result<(), String> {
+    for e in extents {
+        match e.end() {
+            Some(end) if e.count() > 0 && end <= limit_blocks => {}
+            _ => {
+                return Err(format!(
+                    "{what} extent [{}, {}] lies outside the {limit_blocks} blocks of the {what} image or is empty",
+                    e.start(),
+                    e.count()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every block of `0..target_blocks` in exactly one destination extent.
+fn check_coverage(
+    component: &str,
+    mut extents: Vec<Extent>,
+    target_blocks: u64,
+) -> Result<(), ManifestError> {
+    extents.sort_unstable_by_key(|e| e.start());
+    let mut next = 0u64;
+    for e in extents {
+        // Extents were bounds-checked, so `end` does not overflow.
+        let end = e.start() + e.count();
+        if e.start() < next {
+            return Err(ManifestError::Overlap {
+                component: component.to_owned(),
+                first: e.start(),
+                end: end.min(next),
+            });
+        }
+        if e.start() > next {
+            return Err(ManifestError::Gap {
+                component: component.to_owned(),
+                first: next,
+                end: e.start(),
+            });
+        }
+        next = end;
+    }
+    if next != target_blocks {
+        return Err(ManifestError::Gap {
+            component: component.to_owned(),
+            first: next,
+            end: target_blocks,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Blob, Component, ImageRef, Sha256Hex};
+
+    fn image(blocks: u64) -> ImageRef {
+        let size = blocks * BLOCK_SIZE;
+        let segments = vec![Sha256Hex([1; 32]); size.div_ceil(DIGEST_SEGMENT) as usize];
+        let sha256 = crate::digest::root_of(&segments);
+        ImageRef {
+            size,
+            digest: Digest {
+                segment_size: DIGEST_SEGMENT,
+                segments,
+                sha256,
+            },
+        }
+    }
+
+    fn blob(offset: u64, len: u64) -> Blob {
+        Blob {
+            offset,
+            len,
+            sha256: Sha256Hex::default(),
+        }
+    }
+
+    fn delta(ops: Vec<Operation>, data_len: u64) -> Manifest {
+        Manifest {
+            format_version: 1,
+            block_size: 4096,
+            target_version: "2".into(),
+            source_version: Some("1".into()),
+            data_len,
+            components: vec![Component {
+                name: "usr".into(),
+                target: image(10),
+                source: Some(image(8)),
+                operations: ops,
+            }],
+        }
+    }
+
+    fn good_ops() -> Vec<Operation> {
+        vec![
+            Operation::Zero {
+                dst: vec![Extent(0, 2)],
+            },
+            Operation::Copy {
+                dst: vec![Extent(2, 3)],
+                src: vec![Extent(5, 3)],
+            },
+            Operation::Data {
+                dst: vec![Extent(5, 1), Extent(9, 1)],
+                blob: blob(0, 10),
+            },
+            Operation::Patch {
+                dst: vec![Extent(6, 3)],
+                src: vec![Extent(0, 8)],
+                blob: blob(10, 5),
+            },
+        ]
+    }
+
+    #[test]
+    fn accepts_a_complete_delta() {
+        assert_eq!(validate(&delta(good_ops(), 15), 15), Ok(()));
+    }
+
+    #[test]
+    fn rejects_overlap_gap_and_out_of_range() {
+        let mut ops = good_ops();
+        ops[0] = Operation::Zero {
+            dst: vec![Extent(0, 3)],
+        };
+        assert!(matches!(
+            validate(&delta(ops, 15), 15),
+            Err(ManifestError::Overlap {
+                first: 2,
+                end: 3,
+                ..
+            })
+        ));
+        let mut ops = good_ops();
+        ops[0] = Operation::Zero {
+            dst: vec![Extent(0, 1)],
+        };
+        assert!(matches!(
+            validate(&delta(ops, 15), 15),
+            Err(ManifestError::Gap {
+                first: 1,
+                end: 2,
+                ..
+            })
+        ));
+        let mut ops = good_ops();
+        ops[1] = Operation::Copy {
+            dst: vec![Extent(2, 3)],
+            src: vec![Extent(6, 3)],
+        };
+        let err = validate(&delta(ops, 15), 15).unwrap_err();
+        assert!(err.to_string().contains("outside the 8 blocks"), "{err}");
+        let mut ops = good_ops();
+        ops.push(Operation::Zero {
+            dst: vec![Extent(u64::MAX, 2)],
+        });
+        assert!(validate(&delta(ops, 15), 15).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_blob_layout_and_lengths() {
+        assert!(matches!(
+            validate(&delta(good_ops(), 15), 16),
+            Err(ManifestError::DataLenMismatch { .. })
+        ));
+        let mut ops = good_ops();
+        ops[3] = Operation::Patch {
+            dst: vec![Extent(6, 3)],
+            src: vec![Extent(0, 8)],
+            blob: blob(11, 4),
+        };
+        assert!(validate(&delta(ops, 15), 15).is_err());
+        let mut ops = good_ops();
+        ops[1] = Operation::Copy {
+            dst: vec![Extent(2, 3)],
+            src: vec![Extent(5, 2)],
+        };
+        assert!(validate(&delta(ops, 15), 15).is_err());
+    }
+
+    #[test]
+    fn rejects_source_reads_in_a_full_payload() {
+        let mut m = delta(good_ops(), 15);
+        m.components[0].source = None;
+        m.source_version = None;
+        let err = validate(&m, 15).unwrap_err();
+        assert!(err.to_string().contains("has none"), "{err}");
+    }
+
+    #[test]
+    fn rejects_a_digest_that_does_not_fit_the_size() {
+        let mut m = delta(good_ops(), 15);
+        m.components[0].target.size = 11 * BLOCK_SIZE;
+        assert!(validate(&m, 15).is_err());
+        let mut m = delta(good_ops(), 15);
+        m.components[0].target.digest.sha256 = Sha256Hex([9; 32]);
+        assert!(matches!(
+            validate(&m, 15),
+            Err(ManifestError::Digest { .. })
+        ));
+    }
+}
