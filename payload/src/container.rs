@@ -19,6 +19,10 @@ pub enum PayloadError {
     Signature(#[from] SignError),
     #[error("payload manifest: {0}")]
     Manifest(#[from] ManifestError),
+    #[error("blob of operation {op} at data offset {offset} is corrupt: SHA-256 mismatch")]
+    CorruptBlob { op: usize, offset: u64 },
+    #[error("payload has bytes after the end of its data section")]
+    TrailingData,
     #[error("reading the payload: {0}")]
     Io(#[from] io::Error),
 }
@@ -142,4 +146,38 @@ pub fn write_raw<W: Write, D: Read>(
     }
     out.flush()?;
     Ok(header)
+}
+
+/// Reads a whole payload and checks everything that can be checked without
+/// images: the signature, the manifest, every blob's SHA-256, and that the
+/// data section ends where the manifest says. Returns the head.
+pub fn verify_stream<R: Read>(reader: &mut R, keyring: &Keyring) -> Result<PayloadHead, PayloadError> {
+    let head = PayloadHead::read_verified(reader, keyring)?;
+    let mut buf = Vec::new();
+    let mut index = 0usize;
+    for c in &head.manifest.components {
+        for op in &c.operations {
+            if let Some(blob) = op.blob() {
+                buf.clear();
+                let got = reader.take(blob.len).read_to_end(&mut buf)?;
+                if got as u64 != blob.len {
+                    return Err(PayloadError::Truncated {
+                        section: "data section",
+                    });
+                }
+                if crate::digest::sha256(&buf) != blob.sha256 {
+                    return Err(PayloadError::CorruptBlob {
+                        op: index,
+                        offset: blob.offset,
+                    });
+                }
+            }
+            index += 1;
+        }
+    }
+    let mut extra = [0u8; 1];
+    if reader.read(&mut extra)? != 0 {
+        return Err(PayloadError::TrailingData);
+    }
+    Ok(head)
 }

@@ -288,3 +288,68 @@ pub fn slot_entry(version: &str, slot_partuuid: &str) -> bootconfig::bls::NewEnt
         options: format!("mount.usr=PARTUUID={slot_partuuid} console=ttyS0"),
     }
 }
+
+/// Deterministic incompressible bytes (xorshift64).
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Compressible text-like bytes: words from a small vocabulary.
+pub fn text(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: [&str; 12] = [
+        "container", "kernel", "module", "update", "slot", "verity", "systemd", "node ",
+        "image", "delta", "\n", "0x1f2e ",
+    ];
+    let picks = noise(seed, len);
+    let mut out = Vec::with_capacity(len + 16);
+    let mut i = 0;
+    while out.len() < len {
+        out.extend_from_slice(WORDS[usize::from(picks[i % picks.len()]) % WORDS.len()].as_bytes());
+        out.push(b' ');
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// A source and a target image (8 MiB each) that differ the way OS
+/// releases do: most blocks unchanged, a file moved elsewhere, a file
+/// edited with bytes inserted (so its tail shifts), new bytes, blocks that
+/// became zero and zeros that became data.
+pub fn image_pair() -> (Vec<u8>, Vec<u8>) {
+    const MIB: usize = 1 << 20;
+    let mut source = vec![0u8; 8 * MIB];
+    source[..2 * MIB].copy_from_slice(&text(1, 2 * MIB));
+    source[2 * MIB..3 * MIB].copy_from_slice(&noise(2, MIB));
+    let edited_file = text(3, 512 * 1024);
+    source[3 * MIB..3 * MIB + 512 * 1024].copy_from_slice(&edited_file);
+    source[4 * MIB..5 * MIB].copy_from_slice(&noise(4, MIB));
+    source[6 * MIB..7 * MIB].copy_from_slice(&text(5, MIB));
+
+    let mut target = source.clone();
+    // The noise file moves from 2 MiB to 7 MiB; new noise takes its place.
+    target[7 * MIB..8 * MIB].copy_from_slice(&source[2 * MIB..3 * MIB]);
+    target[2 * MIB..3 * MIB].copy_from_slice(&noise(6, MIB));
+    // The edited file: 100 bytes inserted, a few changed.
+    let mut edited = edited_file[..1000].to_vec();
+    edited.extend_from_slice(&[b'+'; 100]);
+    edited.extend_from_slice(&edited_file[1000..]);
+    edited[300_000] ^= 0xff;
+    edited.truncate(512 * 1024);
+    target[3 * MIB..3 * MIB + 512 * 1024].copy_from_slice(&edited);
+    // A region zeroed, and a zero region filled.
+    target[4 * MIB..4 * MIB + 256 * 1024].fill(0);
+    target[5 * MIB..5 * MIB + 64 * 1024].copy_from_slice(&text(7, 64 * 1024));
+    // Single changed bytes in otherwise identical blocks.
+    target[100_000] ^= 1;
+    target[6 * MIB + 12_345] ^= 1;
+    (source, target)
+}

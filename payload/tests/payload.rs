@@ -1,0 +1,567 @@
+//! Payloads end to end on generated images: round trips, resume, and every
+//! way a payload, key or source can be wrong, each refused with a clear
+//! error before a slot could be flipped to the result.
+
+use std::fs;
+use std::io::Cursor;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use payload::apply::ApplyProgress;
+use payload::format::{Extent, Manifest, Operation};
+use payload::{
+    ApplyError, ApplyOptions, ApplyOutcome, ComponentPaths, ImageInput, Keyring, MakeOptions,
+    PayloadError, SigningKey,
+};
+use tandem_testkit::{image_pair, TempDir};
+
+struct Fixture {
+    dir: TempDir,
+    key: SigningKey,
+    keyring: Keyring,
+    source: PathBuf,
+    target_image: PathBuf,
+    target: Vec<u8>,
+}
+
+fn fixture(tag: &str) -> Fixture {
+    let dir = TempDir::new(tag);
+    let (secret, public) = payload::sign::generate_key("test <test@example.com>").unwrap();
+    let key = SigningKey::from_bytes(secret.as_bytes()).unwrap();
+    let keyring = Keyring::from_bytes(public.as_bytes()).unwrap();
+    let (source, target) = image_pair();
+    let source_path = dir.path().join("source.img");
+    let target_path = dir.path().join("target.img");
+    fs::write(&source_path, &source).unwrap();
+    fs::write(&target_path, &target).unwrap();
+    Fixture {
+        dir,
+        key,
+        keyring,
+        source: source_path,
+        target_image: target_path,
+        target,
+    }
+}
+
+fn options() -> MakeOptions {
+    // Small groups, so that even 8 MiB images make many operations.
+    MakeOptions {
+        grouping: payload::plan::Grouping {
+            literal_blocks: 128,
+            bulk_blocks: 256,
+        },
+        ..MakeOptions::default()
+    }
+}
+
+impl Fixture {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn make(&self, delta: bool, name: &str) -> (PathBuf, Manifest) {
+        let out = self.path(name);
+        let source = ImageInput {
+            path: &self.source,
+            version: "1.0",
+        };
+        let manifest = payload::make_payload(
+            ImageInput {
+                path: &self.target_image,
+                version: "2.0",
+            },
+            delta.then_some(source),
+            &self.key,
+            &options(),
+            &out,
+            &|_| {},
+        )
+        .unwrap();
+        (out, manifest)
+    }
+
+    /// A slot pre-filled with a pattern, so untouched means byte-identical.
+    fn slot(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        fs::write(&p, vec![0xa5u8; self.target.len()]).unwrap();
+        p
+    }
+
+    fn apply_bytes(
+        &self,
+        payload: &[u8],
+        slot: &Path,
+        source: Option<&Path>,
+        opts: &ApplyOptions,
+    ) -> Result<ApplyOutcome, ApplyError> {
+        payload::apply(
+            Cursor::new(payload),
+            &self.keyring,
+            &[ComponentPaths {
+                component: "usr".into(),
+                target: slot.to_owned(),
+                source: source.map(Path::to_owned),
+            }],
+            opts,
+            &mut |_| ControlFlow::Continue(()),
+        )
+    }
+}
+
+fn assert_untouched(slot: &Path) {
+    let bytes = fs::read(slot).unwrap();
+    assert!(bytes.iter().all(|&b| b == 0xa5), "the slot was written");
+}
+
+#[test]
+fn full_payload_round_trips() {
+    let f = fixture("full");
+    let (payload, manifest) = f.make(false, "full.tpl");
+    assert!(!manifest.is_delta());
+    let slot = f.slot("slot");
+    let outcome = f
+        .apply_bytes(&fs::read(&payload).unwrap(), &slot, None, &ApplyOptions::default())
+        .unwrap();
+    assert!(matches!(outcome, ApplyOutcome::Complete(_)));
+    assert!(fs::read(&slot).unwrap() == f.target);
+}
+
+#[test]
+fn delta_round_trips_and_is_small() {
+    let f = fixture("delta");
+    let (delta, manifest) = f.make(true, "delta.tpl");
+    let (full, _) = f.make(false, "full.tpl");
+    let stats = &payload::summary::summarize(&manifest)[0];
+    assert!(stats.copy.target_bytes > 4 << 20, "{stats:?}");
+    assert!(stats.patch.operations > 0, "{stats:?}");
+    assert!(stats.zero.target_bytes > 0, "{stats:?}");
+    let delta_len = fs::metadata(&delta).unwrap().len();
+    let full_len = fs::metadata(&full).unwrap().len();
+    // The moved 1 MiB of noise is copied, not shipped: only the new noise
+    // (1 MiB) and small edits remain.
+    assert!(delta_len < full_len / 2, "delta {delta_len} full {full_len}");
+    assert!(delta_len < (1 << 20) + (200 << 10), "delta {delta_len}");
+    let slot = f.slot("slot");
+    f.apply_bytes(
+        &fs::read(&delta).unwrap(),
+        &slot,
+        Some(&f.source),
+        &ApplyOptions::default(),
+    )
+    .unwrap();
+    assert!(fs::read(&slot).unwrap() == f.target);
+}
+
+#[test]
+fn interrupted_apply_resumes_from_its_checkpoint() {
+    let f = fixture("resume");
+    let (delta, manifest) = f.make(true, "delta.tpl");
+    assert!(manifest.components[0].operations.len() > 4);
+    let bytes = fs::read(&delta).unwrap();
+    let slot = f.slot("slot");
+    let checkpoint = f.path("apply.checkpoint");
+    let opts = ApplyOptions {
+        threads: 2,
+        checkpoint: Some(checkpoint.clone()),
+        checkpoint_every: 1 << 20,
+    };
+    let keyring = &f.keyring;
+    let paths = [ComponentPaths {
+        component: "usr".into(),
+        target: slot.clone(),
+        source: Some(f.source.clone()),
+    }];
+    let half = f.target.len() as u64 / 2;
+    let outcome = payload::apply(
+        Cursor::new(&bytes),
+        keyring,
+        &paths,
+        &opts,
+        &mut |p: &ApplyProgress| {
+            if p.done_bytes >= half {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    )
+    .unwrap();
+    let ApplyOutcome::Stopped(cp) = outcome else {
+        panic!("expected a stop");
+    };
+    assert!(cp.next_op > 0 && cp.done_bytes >= half, "{cp:?}");
+    assert!(checkpoint.exists());
+    assert!(fs::read(&slot).unwrap() != f.target);
+    // Resume: the second run must start at the checkpoint, not at zero.
+    let mut first_seen = None;
+    let outcome = payload::apply(
+        Cursor::new(&bytes),
+        keyring,
+        &paths,
+        &opts,
+        &mut |p: &ApplyProgress| {
+            if p.phase == payload::apply::Phase::Writing {
+                first_seen.get_or_insert(p.done_bytes);
+            }
+            ControlFlow::Continue(())
+        },
+    )
+    .unwrap();
+    let ApplyOutcome::Complete(report) = outcome else {
+        panic!("expected completion");
+    };
+    assert_eq!(report.resumed_at_op, cp.next_op);
+    assert!(first_seen.unwrap() >= half);
+    assert!(fs::read(&slot).unwrap() == f.target);
+    assert!(!checkpoint.exists(), "checkpoint left after success");
+}
+
+#[test]
+fn a_checkpoint_of_another_payload_is_ignored() {
+    let f = fixture("foreign-cp");
+    let (delta, _) = f.make(true, "delta.tpl");
+    let checkpoint = f.path("cp");
+    let foreign = payload::Checkpoint {
+        format_version: 1,
+        manifest_sha256: payload::format::Sha256Hex([7; 32]),
+        next_op: 3,
+        data_offset: 0,
+        done_bytes: 1 << 20,
+    };
+    foreign.store(&checkpoint).unwrap();
+    let slot = f.slot("slot");
+    let opts = ApplyOptions {
+        checkpoint: Some(checkpoint),
+        ..ApplyOptions::default()
+    };
+    let outcome = f
+        .apply_bytes(&fs::read(&delta).unwrap(), &slot, Some(&f.source), &opts)
+        .unwrap();
+    let ApplyOutcome::Complete(report) = outcome else {
+        panic!()
+    };
+    assert_eq!(report.resumed_at_op, 0);
+    assert!(fs::read(&slot).unwrap() == f.target);
+}
+
+/// Offsets of the sections of a payload file.
+fn sections(bytes: &[u8]) -> (usize, usize, usize) {
+    let mut raw = [0u8; 64];
+    raw.copy_from_slice(&bytes[..64]);
+    let h = payload::format::Header::decode(&raw).unwrap();
+    let manifest = 64;
+    let signature = manifest + h.manifest_len as usize;
+    let data = signature + h.signature_len as usize;
+    (manifest, signature, data)
+}
+
+#[test]
+fn one_changed_byte_anywhere_is_refused() {
+    let f = fixture("flip");
+    let (delta, _) = f.make(true, "delta.tpl");
+    let good = fs::read(&delta).unwrap();
+    let (manifest, signature, data) = sections(&good);
+    let cases = [
+        ("manifest", manifest + 40),
+        ("signature", signature + (data - signature) / 2),
+        ("data blob", data + 10),
+        ("last data byte", good.len() - 1),
+    ];
+    for (what, at) in cases {
+        let mut bad = good.clone();
+        bad[at] ^= 0x01;
+        let slot = f.slot("slot");
+        let err = f
+            .apply_bytes(&bad, &slot, Some(&f.source), &ApplyOptions::default())
+            .expect_err(what);
+        let text = err.to_string();
+        match what {
+            "manifest" | "signature" => {
+                assert!(
+                    matches!(err, ApplyError::Payload(PayloadError::Signature(_))),
+                    "{what}: {text}"
+                );
+                assert_untouched(&slot);
+            }
+            _ => assert!(
+                matches!(err, ApplyError::BlobHash { .. }),
+                "{what}: {text}"
+            ),
+        }
+        // The whole-file check says the same without any image.
+        assert!(
+            payload::container::verify_stream(&mut Cursor::new(&bad), &f.keyring).is_err(),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn truncated_payloads_are_refused() {
+    let f = fixture("trunc");
+    let (delta, _) = f.make(true, "delta.tpl");
+    let good = fs::read(&delta).unwrap();
+    let (manifest, signature, data) = sections(&good);
+    for cut in [
+        0,
+        10,
+        63,
+        manifest + 5,
+        signature + 3,
+        data,
+        data + 100,
+        good.len() - 1,
+    ] {
+        let slot = f.slot("slot");
+        let err = f
+            .apply_bytes(&good[..cut], &slot, Some(&f.source), &ApplyOptions::default())
+            .expect_err("truncated payload applied");
+        let text = err.to_string();
+        assert!(text.contains("truncated"), "cut at {cut}: {text}");
+        if cut < data {
+            assert_untouched(&slot);
+        }
+    }
+}
+
+#[test]
+fn untrusted_or_missing_signatures_are_refused() {
+    let f = fixture("keys");
+    let (delta, _) = f.make(true, "delta.tpl");
+    let good = fs::read(&delta).unwrap();
+    // A keyring with another key only.
+    let (_, other_public) = payload::sign::generate_key("other <o@example.com>").unwrap();
+    let other = Keyring::from_bytes(other_public.as_bytes()).unwrap();
+    let slot = f.slot("slot");
+    let err = payload::apply(
+        Cursor::new(&good),
+        &other,
+        &[ComponentPaths {
+            component: "usr".into(),
+            target: slot.clone(),
+            source: Some(f.source.clone()),
+        }],
+        &ApplyOptions::default(),
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, ApplyError::Payload(PayloadError::Signature(_))),
+        "{err}"
+    );
+    assert_untouched(&slot);
+
+    // Unsigned: the same manifest and data with an empty signature.
+    let (m, s, d) = sections(&good);
+    let mut unsigned = Vec::new();
+    payload::container::write_raw(
+        &mut unsigned,
+        &good[m..s],
+        &[],
+        (good.len() - d) as u64,
+        &mut &good[d..],
+    )
+    .unwrap();
+    let err = f
+        .apply_bytes(&unsigned, &slot, Some(&f.source), &ApplyOptions::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("unsigned"), "{err}");
+    // A signature that is not OpenPGP at all.
+    let mut garbage = Vec::new();
+    payload::container::write_raw(
+        &mut garbage,
+        &good[m..s],
+        b"not a signature",
+        (good.len() - d) as u64,
+        &mut &good[d..],
+    )
+    .unwrap();
+    let err = f
+        .apply_bytes(&garbage, &slot, Some(&f.source), &ApplyOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(err, ApplyError::Payload(PayloadError::Signature(_))),
+        "{err}"
+    );
+    assert_untouched(&slot);
+}
+
+#[test]
+fn a_delta_for_another_source_is_refused_before_writing() {
+    let f = fixture("wrong-source");
+    let (delta, _) = f.make(true, "delta.tpl");
+    let wrong = f.path("wrong.img");
+    let mut bytes = fs::read(&f.source).unwrap();
+    bytes[5_000_000] ^= 0x80;
+    fs::write(&wrong, bytes).unwrap();
+    let slot = f.slot("slot");
+    let err = f
+        .apply_bytes(
+            &fs::read(&delta).unwrap(),
+            &slot,
+            Some(&wrong),
+            &ApplyOptions::default(),
+        )
+        .unwrap_err();
+    assert!(matches!(err, ApplyError::WrongSource { .. }), "{err}");
+    assert!(err.to_string().contains("nothing was written"));
+    assert_untouched(&slot);
+    // And without any source at all.
+    let err = f
+        .apply_bytes(&fs::read(&delta).unwrap(), &slot, None, &ApplyOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, ApplyError::MissingSource(_)), "{err}");
+    assert_untouched(&slot);
+}
+
+/// Re-signs a changed manifest with the trusted key (a test-only signer),
+/// keeping the data, so the payload passes the signature and reaches the
+/// validator.
+fn resign(f: &Fixture, good: &[u8], edit: impl FnOnce(&mut Manifest)) -> Vec<u8> {
+    let (m, s, d) = sections(good);
+    let mut manifest: Manifest = serde_json::from_slice(&good[m..s]).unwrap();
+    edit(&mut manifest);
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    let signature = f.key.sign_detached(&bytes).unwrap();
+    let mut out = Vec::new();
+    payload::container::write_raw(
+        &mut out,
+        &bytes,
+        &signature,
+        (good.len() - d) as u64,
+        &mut &good[d..],
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn signed_manifests_with_bad_extents_are_refused() {
+    let f = fixture("extents");
+    let (delta, _) = f.make(true, "delta.tpl");
+    let good = fs::read(&delta).unwrap();
+    let first_zero = |m: &mut Manifest| -> usize {
+        m.components[0]
+            .operations
+            .iter()
+            .position(|op| matches!(op, Operation::Zero { .. }))
+            .unwrap()
+    };
+    type Edit = Box<dyn Fn(&mut Manifest)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "written twice",
+            Box::new(move |m: &mut Manifest| {
+                let i = first_zero(m);
+                if let Operation::Zero { dst } = &mut m.components[0].operations[i] {
+                    dst.push(Extent(0, 1));
+                }
+            }),
+        ),
+        (
+            "never written",
+            Box::new(move |m: &mut Manifest| {
+                let i = first_zero(m);
+                m.components[0].operations.remove(i);
+            }),
+        ),
+        (
+            "outside the",
+            Box::new(|m: &mut Manifest| {
+                let ops = &mut m.components[0].operations;
+                let i = ops
+                    .iter()
+                    .position(|op| matches!(op, Operation::Copy { .. }))
+                    .unwrap();
+                if let Operation::Copy { src, .. } = &mut ops[i] {
+                    src[0].0 += 1 << 20;
+                }
+            }),
+        ),
+        (
+            "does not match the header",
+            Box::new(|m: &mut Manifest| m.data_len += 1),
+        ),
+        (
+            "invalid or repeated",
+            Box::new(|m: &mut Manifest| m.components[0].name = "../etc".into()),
+        ),
+    ];
+    for (expected, edit) in cases {
+        let bad = resign(&f, &good, edit);
+        let slot = f.slot("slot");
+        let err = f
+            .apply_bytes(&bad, &slot, Some(&f.source), &ApplyOptions::default())
+            .unwrap_err();
+        assert!(
+            matches!(err, ApplyError::Payload(PayloadError::Manifest(_))),
+            "{expected}: {err}"
+        );
+        assert!(err.to_string().contains(expected), "{expected}: {err}");
+        assert_untouched(&slot);
+    }
+    // The unchanged manifest, re-signed the same way, is accepted: the
+    // cases above fail for their edit, not for the re-signing.
+    let same = resign(&f, &good, |_| {});
+    let slot = f.slot("slot");
+    f.apply_bytes(&same, &slot, Some(&f.source), &ApplyOptions::default())
+        .unwrap();
+}
+
+#[test]
+fn absurd_header_lengths_are_refused_without_allocating() {
+    let f = fixture("absurd");
+    for (manifest_len, signature_len, data_len) in [
+        (u64::MAX, 10, 10),
+        (10, u64::MAX / 2, 10),
+        (10, 10, u64::MAX),
+        (1 << 40, 10, 10),
+    ] {
+        let header = payload::format::Header {
+            manifest_len,
+            signature_len,
+            data_len,
+        };
+        let mut bytes = header.encode().to_vec();
+        bytes.extend_from_slice(&[b'{'; 100]);
+        let slot = f.slot("slot");
+        let err = f
+            .apply_bytes(&bytes, &slot, None, &ApplyOptions::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("over the limit"), "{err}");
+        assert_untouched(&slot);
+    }
+    // A header that claims a large (allowed) manifest on a short stream is
+    // a truncation, found without reserving the claimed size.
+    let header = payload::format::Header {
+        manifest_len: 60 << 20,
+        signature_len: 100,
+        data_len: 0,
+    };
+    let err = f
+        .apply_bytes(&header.encode(), &f.slot("slot"), None, &ApplyOptions::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+#[test]
+fn a_target_that_reads_back_wrong_is_reported() {
+    // A manifest (re-signed by the test signer) whose target digest is
+    // not what its operations produce: every blob verifies, the read-back
+    // does not, and the error says not to boot the slot.
+    let f = fixture("readback");
+    let (full, _) = f.make(false, "full.tpl");
+    let good = fs::read(&full).unwrap();
+    let bad = resign(&f, &good, |m| {
+        let d = &mut m.components[0].target.digest;
+        d.segments[0].0[0] ^= 1;
+        d.sha256 = payload::digest::root_of(&d.segments);
+    });
+    let slot = f.slot("slot");
+    let err = f
+        .apply_bytes(&bad, &slot, None, &ApplyOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, ApplyError::ReadBack { .. }), "{err}");
+    assert!(err.to_string().contains("do not boot it"));
+}

@@ -1,0 +1,635 @@
+//! `tandem-release`: makes, signs, inspects, verifies and (offline) applies
+//! tandem payloads. A thin CLI over the `payload` crate.
+
+use std::fs::File;
+use std::io::{BufReader, IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use payload::apply::{ApplyProgress, Phase};
+use payload::make::MakeProgress;
+use payload::{
+    ApplyOptions, ApplyOutcome, ComponentPaths, ImageInput, Keyring, MakeOptions, PayloadHead,
+    SigningKey,
+};
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem-release",
+    version,
+    about = "Make, sign, inspect, verify and apply tandem payloads"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make a signed full payload of an image.
+    Full(FullArgs),
+    /// Make a signed delta payload from a source image to a new image.
+    Delta(DeltaArgs),
+    /// Show what a payload holds (its signature is not checked here).
+    Inspect(InspectArgs),
+    /// Check a payload's signature, manifest and every blob.
+    Verify(VerifyArgs),
+    /// Apply a payload to an image file or block device, offline.
+    Apply(ApplyArgs),
+    /// Make an Ed25519 signing key (secret key file and public certificate).
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, Args)]
+struct MakeCommon {
+    /// Secret key file (armored or binary OpenPGP, as `gpg --export-secret-keys` writes it).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Where to write the payload.
+    #[arg(short, long, value_name = "FILE")]
+    output: PathBuf,
+    /// zstd compression level of the blobs (1-22).
+    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
+    level: i32,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Name of the component the image is.
+    #[arg(long, default_value = "usr")]
+    component: String,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No progress on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct FullArgs {
+    /// The new image.
+    #[arg(long, value_name = "IMG")]
+    image: PathBuf,
+    /// Its version.
+    #[arg(long)]
+    version: String,
+    #[command(flatten)]
+    common: MakeCommon,
+}
+
+#[derive(Debug, Args)]
+struct DeltaArgs {
+    /// The image nodes run now.
+    #[arg(long, value_name = "IMG")]
+    source: PathBuf,
+    /// Its version.
+    #[arg(long)]
+    source_version: String,
+    /// The new image.
+    #[arg(long, value_name = "IMG")]
+    image: PathBuf,
+    /// Its version.
+    #[arg(long)]
+    version: String,
+    #[command(flatten)]
+    common: MakeCommon,
+}
+
+#[derive(Debug, Args)]
+struct InspectArgs {
+    payload: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write the manifest's exact signed bytes to this file.
+    #[arg(long, value_name = "FILE")]
+    write_manifest: Option<PathBuf>,
+    /// Write the detached signature to this file (for `gpg --verify SIG MANIFEST`).
+    #[arg(long, value_name = "FILE")]
+    write_signature: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    payload: PathBuf,
+    /// Trusted certificates (armored or binary; may hold several).
+    #[arg(long, value_name = "FILE", required = true)]
+    keyring: Vec<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ApplyArgs {
+    payload: PathBuf,
+    /// Trusted certificates (armored or binary; may hold several).
+    #[arg(long, value_name = "FILE", required = true)]
+    keyring: Vec<PathBuf>,
+    /// Where to write: PATH, or NAME=PATH per component. An image file is created if missing.
+    #[arg(long, value_name = "[NAME=]PATH", required = true)]
+    target: Vec<String>,
+    /// The image a delta applies to: PATH or NAME=PATH.
+    #[arg(long, value_name = "[NAME=]PATH")]
+    source: Vec<String>,
+    /// Record progress here, and resume from it if it exists.
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<PathBuf>,
+    /// Stop (at a checkpoint) once this many target bytes are written; for
+    /// testing interruption and resume.
+    #[arg(long, value_name = "BYTES", requires = "checkpoint")]
+    stop_after: Option<u64>,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    json: bool,
+    /// No progress on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    /// User ID of the new key, e.g. "tandem release <release@example.com>".
+    #[arg(long)]
+    user_id: String,
+    /// Where to write the secret key (armored).
+    #[arg(long, value_name = "FILE")]
+    secret: PathBuf,
+    /// Where to write the public certificate (armored): the nodes' keyring.
+    #[arg(long, value_name = "FILE")]
+    public: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => error.exit(),
+        Err(error) => {
+            let text = error.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("tandem-release: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Full(a) => make(None, &a.image, &a.version, &a.common),
+        Command::Delta(a) => make(
+            Some((&a.source, &a.source_version)),
+            &a.image,
+            &a.version,
+            &a.common,
+        ),
+        Command::Inspect(a) => inspect(&a),
+        Command::Verify(a) => verify(&a),
+        Command::Apply(a) => apply(&a),
+        Command::Keygen(a) => keygen(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tandem-release: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints progress lines to stderr at most every half second (or every
+/// ten seconds when stderr is not a terminal).
+struct Reporter {
+    enabled: bool,
+    terminal: bool,
+    last: Mutex<Option<Instant>>,
+}
+
+impl Reporter {
+    fn new(quiet: bool) -> Reporter {
+        Reporter {
+            enabled: !quiet,
+            terminal: std::io::stderr().is_terminal(),
+            last: Mutex::new(None),
+        }
+    }
+
+    fn report(&self, line: impl FnOnce() -> String, force: bool) {
+        if !self.enabled {
+            return;
+        }
+        let every = if self.terminal {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(10)
+        };
+        let Ok(mut last) = self.last.lock() else { return };
+        if !force && last.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        *last = Some(Instant::now());
+        if self.terminal {
+            eprint!("\r\x1b[K{}", line());
+        } else {
+            eprintln!("{}", line());
+        }
+    }
+
+    fn finish(&self) {
+        if self.enabled && self.terminal && self.last.lock().is_ok_and(|l| l.is_some()) {
+            eprintln!();
+        }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+fn percent(done: u64, total: u64) -> f64 {
+    if total == 0 {
+        100.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct MakeSummary {
+    payload: PathBuf,
+    payload_bytes: u64,
+    kind: &'static str,
+    target_version: String,
+    source_version: Option<String>,
+    signer: String,
+    seconds: f64,
+    components: Vec<payload::summary::ComponentSummary>,
+}
+
+fn make(
+    source: Option<(&PathBuf, &String)>,
+    image: &Path,
+    version: &str,
+    common: &MakeCommon,
+) -> Result<()> {
+    let started = Instant::now();
+    let key = SigningKey::from_file(&common.key)?;
+    let mut opts = MakeOptions {
+        level: common.level,
+        component: common.component.clone(),
+        ..MakeOptions::default()
+    };
+    if let Some(t) = common.threads {
+        opts.threads = t.max(1);
+    }
+    let reporter = Reporter::new(common.quiet);
+    let progress = |p: MakeProgress| {
+        reporter.report(
+            || format!("{}: {:.0}%", p.phase, percent(p.done, p.total)),
+            false,
+        )
+    };
+    let manifest = payload::make_payload(
+        ImageInput {
+            path: image,
+            version,
+        },
+        source.map(|(path, version)| ImageInput { path, version }),
+        &key,
+        &opts,
+        &common.output,
+        &progress,
+    )
+    .with_context(|| format!("making {}", common.output.display()))?;
+    reporter.finish();
+    let summary = MakeSummary {
+        payload: common.output.clone(),
+        payload_bytes: std::fs::metadata(&common.output)
+            .with_context(|| format!("reading {}", common.output.display()))?
+            .len(),
+        kind: if manifest.is_delta() { "delta" } else { "full" },
+        target_version: manifest.target_version.clone(),
+        source_version: manifest.source_version.clone(),
+        signer: key.fingerprint().to_owned(),
+        seconds: started.elapsed().as_secs_f64(),
+        components: payload::summary::summarize(&manifest),
+    };
+    if common.json {
+        print_json(&summary)
+    } else {
+        println!(
+            "wrote {} ({} payload, {}, {} bytes) in {:.1} s",
+            summary.payload.display(),
+            summary.kind,
+            mib(summary.payload_bytes),
+            summary.payload_bytes,
+            summary.seconds
+        );
+        print_components(&summary.components);
+        Ok(())
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value).context("writing JSON")?;
+    writeln!(out).context("writing JSON")?;
+    Ok(())
+}
+
+fn print_components(components: &[payload::summary::ComponentSummary]) {
+    for c in components {
+        println!(
+            "component {}: target {} sha256 {}",
+            c.name,
+            mib(c.target_size),
+            c.target_sha256
+        );
+        if let (Some(size), Some(sha)) = (c.source_size, &c.source_sha256) {
+            println!("  source {} sha256 {sha}", mib(size));
+        }
+        println!(
+            "  {:<6} {:>8} {:>14} {:>14}",
+            "op", "count", "target", "blob"
+        );
+        for (name, s) in [
+            ("zero", c.zero),
+            ("copy", c.copy),
+            ("data", c.data),
+            ("patch", c.patch),
+        ] {
+            println!(
+                "  {:<6} {:>8} {:>14} {:>14}",
+                name,
+                s.operations,
+                mib(s.target_bytes),
+                mib(s.blob_bytes)
+            );
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct InspectReport {
+    payload_bytes: u64,
+    format_version: u32,
+    kind: &'static str,
+    target_version: String,
+    source_version: Option<String>,
+    manifest_bytes: u64,
+    signature_bytes: u64,
+    data_bytes: u64,
+    /// The issuer the signature names (not verified by inspect).
+    signer_fingerprint: Option<String>,
+    components: Vec<payload::summary::ComponentSummary>,
+}
+
+fn open_payload(path: &Path) -> Result<BufReader<File>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(BufReader::with_capacity(1 << 20, file))
+}
+
+fn inspect(args: &InspectArgs) -> Result<()> {
+    let mut reader = open_payload(&args.payload)?;
+    let head = PayloadHead::read_unverified(&mut reader)
+        .with_context(|| format!("reading {}", args.payload.display()))?;
+    if let Some(path) = &args.write_manifest {
+        std::fs::write(path, &head.manifest_bytes)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.write_signature {
+        std::fs::write(path, &head.signature)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let report = InspectReport {
+        payload_bytes: reader.get_ref().metadata().map(|m| m.len()).unwrap_or(0),
+        format_version: head.manifest.format_version,
+        kind: if head.manifest.is_delta() {
+            "delta"
+        } else {
+            "full"
+        },
+        target_version: head.manifest.target_version.clone(),
+        source_version: head.manifest.source_version.clone(),
+        manifest_bytes: head.header.manifest_len,
+        signature_bytes: head.header.signature_len,
+        data_bytes: head.header.data_len,
+        signer_fingerprint: payload::sign::signature_issuer(&head.signature),
+        components: payload::summary::summarize(&head.manifest),
+    };
+    if args.json {
+        return print_json(&report);
+    }
+    println!(
+        "{} payload, format {}: version {}{}",
+        report.kind,
+        report.format_version,
+        report.target_version,
+        report
+            .source_version
+            .as_ref()
+            .map(|v| format!(" from {v}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "size {} (manifest {} bytes, signature {} bytes, data {})",
+        mib(report.payload_bytes),
+        report.manifest_bytes,
+        report.signature_bytes,
+        mib(report.data_bytes)
+    );
+    println!(
+        "signed by {} (not verified; use `tandem-release verify`)",
+        report.signer_fingerprint.as_deref().unwrap_or("unknown")
+    );
+    print_components(&report.components);
+    Ok(())
+}
+
+fn load_keyring(paths: &[PathBuf]) -> Result<Keyring> {
+    let mut ring = Keyring::default();
+    for p in paths {
+        ring.extend(Keyring::from_file(p).with_context(|| format!("loading keyring {}", p.display()))?);
+    }
+    Ok(ring)
+}
+
+#[derive(Debug, Serialize)]
+struct VerifyReport {
+    payload: PathBuf,
+    valid: bool,
+    signer: String,
+    kind: &'static str,
+    target_version: String,
+    source_version: Option<String>,
+}
+
+fn verify(args: &VerifyArgs) -> Result<()> {
+    let keyring = load_keyring(&args.keyring)?;
+    let mut reader = open_payload(&args.payload)?;
+    let head = payload::container::verify_stream(&mut reader, &keyring)
+        .with_context(|| format!("{} is not valid", args.payload.display()))?;
+    let report = VerifyReport {
+        payload: args.payload.clone(),
+        valid: true,
+        signer: head.signer.clone().unwrap_or_default(),
+        kind: if head.manifest.is_delta() {
+            "delta"
+        } else {
+            "full"
+        },
+        target_version: head.manifest.target_version.clone(),
+        source_version: head.manifest.source_version.clone(),
+    };
+    if args.json {
+        return print_json(&report);
+    }
+    println!(
+        "{}: valid {} payload for version {}, signed by {}",
+        args.payload.display(),
+        report.kind,
+        report.target_version,
+        report.signer
+    );
+    Ok(())
+}
+
+/// Splits `NAME=PATH`; a bare PATH belongs to the component `usr`.
+fn component_path(spec: &str) -> (String, PathBuf) {
+    match spec.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !name.contains('/') => {
+            (name.to_owned(), PathBuf::from(path))
+        }
+        _ => ("usr".to_owned(), PathBuf::from(spec)),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ApplySummary {
+    outcome: &'static str,
+    seconds: f64,
+    #[serde(flatten)]
+    report: Option<payload::apply::ApplyReport>,
+    checkpoint: Option<payload::Checkpoint>,
+}
+
+fn apply(args: &ApplyArgs) -> Result<()> {
+    let started = Instant::now();
+    let keyring = load_keyring(&args.keyring)?;
+    let mut paths: Vec<ComponentPaths> = Vec::new();
+    for spec in &args.target {
+        let (component, target) = component_path(spec);
+        if paths.iter().any(|p| p.component == component) {
+            bail!("--target given twice for component {component}");
+        }
+        if !target.exists() {
+            File::create(&target).with_context(|| format!("creating {}", target.display()))?;
+        }
+        paths.push(ComponentPaths {
+            component,
+            target,
+            source: None,
+        });
+    }
+    for spec in &args.source {
+        let (component, source) = component_path(spec);
+        let Some(p) = paths.iter_mut().find(|p| p.component == component) else {
+            bail!("--source for component {component}, which has no --target");
+        };
+        p.source = Some(source);
+    }
+    let mut opts = ApplyOptions {
+        checkpoint: args.checkpoint.clone(),
+        ..ApplyOptions::default()
+    };
+    if let Some(t) = args.threads {
+        opts.threads = t.max(1);
+    }
+    let reporter = Reporter::new(args.quiet);
+    let stop_after = args.stop_after;
+    let mut control = |p: &ApplyProgress| {
+        let phase = match p.phase {
+            Phase::VerifyingSource => "verifying source",
+            Phase::Writing => "writing",
+            Phase::VerifyingTarget => "reading back",
+        };
+        reporter.report(
+            || {
+                format!(
+                    "{phase}: {:.0}% ({} of {})",
+                    percent(p.done_bytes, p.total_bytes),
+                    mib(p.done_bytes),
+                    mib(p.total_bytes)
+                )
+            },
+            p.phase != Phase::Writing,
+        );
+        match stop_after {
+            Some(limit) if p.phase == Phase::Writing && p.done_bytes >= limit => {
+                ControlFlow::Break(())
+            }
+            _ => ControlFlow::Continue(()),
+        }
+    };
+    let reader = open_payload(&args.payload)?;
+    let outcome = payload::apply(reader, &keyring, &paths, &opts, &mut control)
+        .with_context(|| format!("applying {}", args.payload.display()))?;
+    reporter.finish();
+    let summary = match outcome {
+        ApplyOutcome::Complete(report) => ApplySummary {
+            outcome: "complete",
+            seconds: started.elapsed().as_secs_f64(),
+            report: Some(report),
+            checkpoint: None,
+        },
+        ApplyOutcome::Stopped(cp) => ApplySummary {
+            outcome: "stopped",
+            seconds: started.elapsed().as_secs_f64(),
+            report: None,
+            checkpoint: Some(cp),
+        },
+    };
+    if args.json {
+        return print_json(&summary);
+    }
+    match (&summary.report, &summary.checkpoint) {
+        (Some(r), _) => println!(
+            "applied version {}: {} written and read back as signed (signer {}){} in {:.1} s",
+            r.target_version,
+            mib(r.bytes_written),
+            r.signer,
+            if r.resumed_at_op > 0 {
+                format!(", resumed at operation {}", r.resumed_at_op)
+            } else {
+                String::new()
+            },
+            summary.seconds
+        ),
+        (None, Some(cp)) => println!(
+            "stopped at operation {} ({} written); run the same command to resume",
+            cp.next_op,
+            mib(cp.done_bytes)
+        ),
+        (None, None) => {}
+    }
+    Ok(())
+}
+
+fn keygen(args: &KeygenArgs) -> Result<()> {
+    let (secret, public) = payload::sign::generate_key(&args.user_id)?;
+    for (path, text) in [(&args.secret, secret), (&args.public, public)] {
+        if path.exists() {
+            bail!("{} exists; not overwriting a key", path.display());
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!(
+        "wrote secret key {} and public certificate {}",
+        args.secret.display(),
+        args.public.display()
+    );
+    Ok(())
+}
