@@ -151,7 +151,10 @@ pub fn write_raw<W: Write, D: Read>(
 /// Reads a whole payload and checks everything that can be checked without
 /// images: the signature, the manifest, every blob's SHA-256, and that the
 /// data section ends where the manifest says. Returns the head.
-pub fn verify_stream<R: Read>(reader: &mut R, keyring: &Keyring) -> Result<PayloadHead, PayloadError> {
+pub fn verify_stream<R: Read>(
+    reader: &mut R,
+    keyring: &Keyring,
+) -> Result<PayloadHead, PayloadError> {
     let head = PayloadHead::read_verified(reader, keyring)?;
     let mut buf = Vec::new();
     let mut index = 0usize;

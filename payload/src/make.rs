@@ -68,7 +68,10 @@ impl Default for MakeOptions {
                 literal_blocks: MAX_OP_OUTPUT / BLOCK_SIZE / 2,
                 bulk_blocks: 16384,
             },
-            reference_blocks: (MAX_REFERENCE_LEN / BLOCK_SIZE) * 2 / 3,
+            // Twice the chunk: room for a changed file's predecessor and its
+            // neighbours, while zstd's cost of indexing the prefix stays
+            // within a few times the cost of compressing the chunk.
+            reference_blocks: (MAX_OP_OUTPUT / BLOCK_SIZE).min(MAX_REFERENCE_LEN / BLOCK_SIZE),
             component: "usr".into(),
         }
     }
@@ -497,10 +500,11 @@ fn encode_literal(
             ));
         }
     }
-    // A weak patch may lose to plain compression: try it then, too.
+    // A patch that saves under a tenth may lose to plain compression (its
+    // reference was a poor guess): try plain then, too.
     let try_plain = match &best {
         None => true,
-        Some((_, blob)) => blob.len() * 3 > data.len(),
+        Some((_, blob)) => blob.len() * 10 > data.len() * 9,
     };
     if try_plain {
         let blob = zstd_compress(&data, None, opts.level)?;

@@ -121,7 +121,12 @@ fn full_payload_round_trips() {
     assert!(!manifest.is_delta());
     let slot = f.slot("slot");
     let outcome = f
-        .apply_bytes(&fs::read(&payload).unwrap(), &slot, None, &ApplyOptions::default())
+        .apply_bytes(
+            &fs::read(&payload).unwrap(),
+            &slot,
+            None,
+            &ApplyOptions::default(),
+        )
         .unwrap();
     assert!(matches!(outcome, ApplyOutcome::Complete(_)));
     assert!(fs::read(&slot).unwrap() == f.target);
@@ -140,7 +145,10 @@ fn delta_round_trips_and_is_small() {
     let full_len = fs::metadata(&full).unwrap().len();
     // The moved 1 MiB of noise is copied, not shipped: only the new noise
     // (1 MiB) and small edits remain.
-    assert!(delta_len < full_len / 2, "delta {delta_len} full {full_len}");
+    assert!(
+        delta_len < full_len / 2,
+        "delta {delta_len} full {full_len}"
+    );
     assert!(delta_len < (1 << 20) + (200 << 10), "delta {delta_len}");
     let slot = f.slot("slot");
     f.apply_bytes(
@@ -284,10 +292,7 @@ fn one_changed_byte_anywhere_is_refused() {
                 );
                 assert_untouched(&slot);
             }
-            _ => assert!(
-                matches!(err, ApplyError::BlobHash { .. }),
-                "{what}: {text}"
-            ),
+            _ => assert!(matches!(err, ApplyError::BlobHash { .. }), "{what}: {text}"),
         }
         // The whole-file check says the same without any image.
         assert!(
@@ -315,7 +320,12 @@ fn truncated_payloads_are_refused() {
     ] {
         let slot = f.slot("slot");
         let err = f
-            .apply_bytes(&good[..cut], &slot, Some(&f.source), &ApplyOptions::default())
+            .apply_bytes(
+                &good[..cut],
+                &slot,
+                Some(&f.source),
+                &ApplyOptions::default(),
+            )
             .expect_err("truncated payload applied");
         let text = err.to_string();
         assert!(text.contains("truncated"), "cut at {cut}: {text}");
@@ -409,7 +419,12 @@ fn a_delta_for_another_source_is_refused_before_writing() {
     assert_untouched(&slot);
     // And without any source at all.
     let err = f
-        .apply_bytes(&fs::read(&delta).unwrap(), &slot, None, &ApplyOptions::default())
+        .apply_bytes(
+            &fs::read(&delta).unwrap(),
+            &slot,
+            None,
+            &ApplyOptions::default(),
+        )
         .unwrap_err();
     assert!(matches!(err, ApplyError::MissingSource(_)), "{err}");
     assert_untouched(&slot);
@@ -540,7 +555,12 @@ fn absurd_header_lengths_are_refused_without_allocating() {
         data_len: 0,
     };
     let err = f
-        .apply_bytes(&header.encode(), &f.slot("slot"), None, &ApplyOptions::default())
+        .apply_bytes(
+            &header.encode(),
+            &f.slot("slot"),
+            None,
+            &ApplyOptions::default(),
+        )
         .unwrap_err();
     assert!(err.to_string().contains("truncated"), "{err}");
 }

@@ -226,7 +226,9 @@ impl Reporter {
         } else {
             Duration::from_secs(10)
         };
-        let Ok(mut last) = self.last.lock() else { return };
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
         if !force && last.is_some_and(|t| t.elapsed() < every) {
             return;
         }
@@ -452,7 +454,9 @@ fn inspect(args: &InspectArgs) -> Result<()> {
 fn load_keyring(paths: &[PathBuf]) -> Result<Keyring> {
     let mut ring = Keyring::default();
     for p in paths {
-        ring.extend(Keyring::from_file(p).with_context(|| format!("loading keyring {}", p.display()))?);
+        ring.extend(
+            Keyring::from_file(p).with_context(|| format!("loading keyring {}", p.display()))?,
+        );
     }
     Ok(ring)
 }
@@ -620,11 +624,17 @@ fn apply(args: &ApplyArgs) -> Result<()> {
 
 fn keygen(args: &KeygenArgs) -> Result<()> {
     let (secret, public) = payload::sign::generate_key(&args.user_id)?;
-    for (path, text) in [(&args.secret, secret), (&args.public, public)] {
-        if path.exists() {
-            bail!("{} exists; not overwriting a key", path.display());
-        }
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    for (path, text, mode) in [(&args.secret, secret, 0o600), (&args.public, public, 0o644)] {
+        // create_new: never overwrite a key.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     println!(
         "wrote secret key {} and public certificate {}",

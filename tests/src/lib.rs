@@ -305,8 +305,18 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
 /// Compressible text-like bytes: words from a small vocabulary.
 pub fn text(seed: u64, len: usize) -> Vec<u8> {
     const WORDS: [&str; 12] = [
-        "container", "kernel", "module", "update", "slot", "verity", "systemd", "node ",
-        "image", "delta", "\n", "0x1f2e ",
+        "container",
+        "kernel",
+        "module",
+        "update",
+        "slot",
+        "verity",
+        "systemd",
+        "node ",
+        "image",
+        "delta",
+        "\n",
+        "0x1f2e ",
     ];
     let picks = noise(seed, len);
     let mut out = Vec::with_capacity(len + 16);

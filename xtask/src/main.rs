@@ -3,8 +3,12 @@
 //! - `cargo xtask test`: installs the Debian packages the tests need (when
 //!   run as root), then runs every test in the workspace.
 //! - `cargo xtask lint`: `cargo fmt --check` and `cargo clippy -D warnings`.
+//! - `cargo xtask bench`: tandem's payloads against zstd, lz4 and xdelta3
+//!   on a real Debian security update (see `bench.rs`).
 //! - `cargo xtask demo`: tandem's main job so far, on a disk image it makes:
 //!   an A/B slot flip, a failed trial boot falling back, a good one kept.
+
+mod bench;
 
 use std::env;
 use std::fs;
@@ -17,8 +21,9 @@ use bootconfig::gpt::GptDisk;
 use bootconfig::slots::find_slots;
 use bootconfig::{BootBackend, SlotLayout};
 
-/// Debian packages the tests and the demo run: sgdisk, cgpt, bootctl.
-const PACKAGES: [&str; 3] = ["gdisk", "cgpt", "systemd-boot"];
+/// Debian packages the tests and the demo run: sgdisk, cgpt, bootctl,
+/// GnuPG (payload signatures made and checked by gpg), mkfs.ext4.
+const PACKAGES: [&str; 5] = ["gdisk", "cgpt", "systemd-boot", "gnupg", "e2fsprogs"];
 
 fn main() -> std::process::ExitCode {
     let task = env::args().nth(1).unwrap_or_default();
@@ -26,8 +31,9 @@ fn main() -> std::process::ExitCode {
         "test" => test(),
         "lint" => lint(),
         "demo" => demo(),
+        "bench" => run_bench(),
         _ => Err(anyhow::anyhow!(
-            "unknown task {task:?}; usage: cargo xtask test | lint | demo"
+            "unknown task {task:?}; usage: cargo xtask test | lint | demo | bench"
         )),
     };
     match result {
@@ -83,8 +89,8 @@ fn installed(package: &str) -> bool {
 }
 
 /// Installs the missing packages as root; otherwise says what is missing.
-fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.into_iter().filter(|p| !installed(p)).collect();
+fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -103,8 +109,31 @@ fn ensure_packages() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// The repository root (xtask lives one level below it).
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn run_bench() -> Result<()> {
+    if !is_root() {
+        bail!("the benchmark builds its images with debootstrap and chroot: run it as root");
+    }
+    ensure_packages(&bench::PACKAGES)?;
+    let cache = match env::var_os("TANDEM_BENCH_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+            .join("tandem-bench"),
+    };
+    bench::bench(&repo_root(), &cache)
+}
+
 fn test() -> Result<()> {
-    ensure_packages()?;
+    ensure_packages(&PACKAGES)?;
     run(cargo().args(["test", "--workspace", "--all-targets"]))
 }
 
@@ -186,7 +215,7 @@ fn grub_boot(image: &Path) -> Result<String> {
 }
 
 fn demo() -> Result<()> {
-    ensure_packages()?;
+    ensure_packages(&PACKAGES)?;
     run(cargo().args([
         "build",
         "--quiet",
