@@ -242,7 +242,7 @@ pub fn image_size(file: &File, path: &Path) -> Result<u64, MakeError> {
     let size = f
         .seek(SeekFrom::End(0))
         .map_err(io_err(format!("sizing {}", path.display())))?;
-    if size == 0 || size % BLOCK_SIZE != 0 {
+    if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
         return Err(MakeError::Image {
             path: path.to_owned(),
             problem: format!("size {size} is not a positive multiple of 4096 bytes"),
@@ -278,6 +278,10 @@ fn split_range(blocks: u64, parts: usize) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// One thread's share of the source index: (block hash, block) pairs and
+/// (anchor hash, block) pairs.
+type IndexPart = (Vec<(u64, u32)>, Vec<(u64, u32)>);
+
 fn index_source(
     file: &File,
     size: u64,
@@ -286,7 +290,7 @@ fn index_source(
 ) -> io::Result<SourceIndex> {
     let blocks = size / BLOCK_SIZE;
     let done = AtomicUsize::new(0);
-    let parts: Vec<io::Result<(Vec<(u64, u32)>, Vec<(u64, u32)>)>> = std::thread::scope(|scope| {
+    let parts: Vec<io::Result<IndexPart>> = std::thread::scope(|scope| {
         let handles: Vec<_> = split_range(blocks, threads)
             .into_iter()
             .map(|(first, end)| {

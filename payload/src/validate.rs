@@ -154,7 +154,7 @@ fn check_image(
     size: u64,
     digest: &Digest,
 ) -> Result<(), ManifestError> {
-    if size == 0 || size % BLOCK_SIZE != 0 || size > MAX_IMAGE_SIZE {
+    if size == 0 || !size.is_multiple_of(BLOCK_SIZE) || size > MAX_IMAGE_SIZE {
         return Err(ManifestError::ImageSize {
             component: component.to_owned(),
             what,

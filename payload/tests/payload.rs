@@ -2,6 +2,8 @@
 //! way a payload, key or source can be wrong, each refused with a clear
 //! error before a slot could be flipped to the result.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs;
 use std::io::Cursor;
 use std::ops::ControlFlow;
@@ -584,4 +586,62 @@ fn a_target_that_reads_back_wrong_is_reported() {
         .unwrap_err();
     assert!(matches!(err, ApplyError::ReadBack { .. }), "{err}");
     assert!(err.to_string().contains("do not boot it"));
+}
+
+#[test]
+fn a_stale_checkpoint_as_a_crash_leaves_it_still_resumes_correctly() {
+    // A crash leaves the last periodic checkpoint behind while later
+    // operations were already (partly) written. Resuming from it redoes
+    // those operations, which must be harmless.
+    let f = fixture("stale");
+    let (delta, _) = f.make(true, "delta.tpl");
+    let bytes = fs::read(&delta).unwrap();
+    let slot = f.slot("slot");
+    let checkpoint = f.path("cp");
+    let opts = ApplyOptions {
+        threads: 2,
+        checkpoint: Some(checkpoint.clone()),
+        checkpoint_every: 512 << 10,
+    };
+    let paths = [ComponentPaths {
+        component: "usr".into(),
+        target: slot.clone(),
+        source: Some(f.source.clone()),
+    }];
+    let total = f.target.len() as u64;
+    let mut early: Option<Vec<u8>> = None;
+    let outcome = payload::apply(
+        Cursor::new(&bytes),
+        &f.keyring,
+        &paths,
+        &opts,
+        &mut |p: &ApplyProgress| {
+            if early.is_none() && p.done_bytes > 0 {
+                early = fs::read(&checkpoint).ok();
+            }
+            if p.done_bytes * 2 >= total {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    )
+    .unwrap();
+    assert!(matches!(outcome, ApplyOutcome::Stopped(_)));
+    let early = early.expect("no periodic checkpoint was written");
+    let stale: payload::Checkpoint = serde_json::from_slice(&early).unwrap();
+    let ApplyOutcome::Stopped(latest) = outcome else {
+        unreachable!()
+    };
+    assert!(stale.next_op < latest.next_op, "{stale:?} {latest:?}");
+    fs::write(&checkpoint, &early).unwrap();
+    let outcome = payload::apply(Cursor::new(&bytes), &f.keyring, &paths, &opts, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let ApplyOutcome::Complete(report) = outcome else {
+        panic!()
+    };
+    assert_eq!(report.resumed_at_op, stale.next_op);
+    assert!(fs::read(&slot).unwrap() == f.target);
 }

@@ -161,6 +161,252 @@ fn updatectl(bin: &Path, args: &[&str]) -> Result<()> {
         .args(["--cmdline", "/dev/null"]))
 }
 
+/// Runs `tandem-release` and shows its command line and output.
+fn release(tool: &Path, args: &[&str]) -> Result<()> {
+    println!("$ tandem-release {}", args.join(" "));
+    run(Command::new(tool).args(args))
+}
+
+/// A loop device over one partition of a disk image; detached on drop.
+struct LoopPartition(String);
+
+impl LoopPartition {
+    fn attach(image: &Path, number: u32) -> Result<LoopPartition> {
+        let field = |flag: &str| -> Result<u64> {
+            output(
+                Command::new("cgpt")
+                    .args(["show", "-i", &number.to_string(), flag])
+                    .arg(image),
+            )?
+            .trim()
+            .parse::<u64>()
+            .context("cgpt printed no number")
+        };
+        let (start, size) = (field("-b")? * 512, field("-s")? * 512);
+        let device = output(
+            Command::new("losetup")
+                .args(["--find", "--show", "--offset", &start.to_string()])
+                .args(["--sizelimit", &size.to_string()])
+                .arg(image),
+        )
+        .context("attaching a loop device (needs root)")?;
+        Ok(LoopPartition(device.trim().to_owned()))
+    }
+}
+
+impl Drop for LoopPartition {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// Two versions of a /usr tree, as ext4 images the size of a slot.
+fn make_usr_images(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let tree = dir.join("usr-tree");
+    fs::create_dir_all(tree.join("lib/modules/6.1.0-50")).context("creating the tree")?;
+    fs::create_dir_all(tree.join("bin")).context("creating the tree")?;
+    let write = |path: PathBuf, bytes: Vec<u8>| {
+        fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
+    };
+    for i in 0..24u64 {
+        let module = tandem_testkit::text(i, 60_000 + i as usize * 3000);
+        write(tree.join(format!("lib/modules/6.1.0-50/mod{i}.ko")), module)?;
+    }
+    write(
+        tree.join("bin/containerd"),
+        tandem_testkit::noise(1, 3 << 20),
+    )?;
+    write(tree.join("bin/runc"), tandem_testkit::noise(2, 1 << 20))?;
+    let mkfs = |image: &Path| {
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096", "-L", "usr"])
+            .args(["-U", "6b8f1c2e-3d4a-4b5c-9e6f-7a8b9c0d1e2f"])
+            .args([
+                "-E",
+                "hash_seed=0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0,root_owner=0:0",
+            ])
+            .arg("-d")
+            .arg(&tree)
+            .arg(image)
+            .arg("16M")
+            .env("E2FSPROGS_FAKE_TIME", "1700000000"))
+    };
+    let v1 = dir.join("usr-4230.2.0.img");
+    mkfs(&v1)?;
+    // The next release: a new kernel's modules (moved, a few edited), a new runc.
+    fs::rename(
+        tree.join("lib/modules/6.1.0-50"),
+        tree.join("lib/modules/6.1.0-56"),
+    )
+    .context("renaming the modules")?;
+    for i in (0..24u64).step_by(4) {
+        let path = tree.join(format!("lib/modules/6.1.0-56/mod{i}.ko"));
+        let mut module = fs::read(&path).context("reading a module")?;
+        module.splice(500..500, b" security fix ".iter().copied());
+        write(path, module)?;
+    }
+    write(tree.join("bin/runc"), tandem_testkit::noise(3, 1 << 20))?;
+    let v2 = dir.join("usr-4230.2.1.img");
+    mkfs(&v2)?;
+    Ok((v1, v2))
+}
+
+fn payload_demo(tool: &Path, dir: &Path, disk: &Path) -> Result<()> {
+    say("Release engineering: two /usr images (ext4), a signing key, a full and a delta payload");
+    let (v1, v2) = make_usr_images(dir)?;
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (key, keyring) = (p("release.key.asc"), p("keyring.asc"));
+    let (v1s, v2s) = (v1.to_string_lossy(), v2.to_string_lossy());
+    release(
+        tool,
+        &[
+            "keygen",
+            "--user-id",
+            "ACL release <release@example.invalid>",
+            "--secret",
+            &key,
+            "--public",
+            &keyring,
+        ],
+    )?;
+    release(
+        tool,
+        &[
+            "full",
+            "--image",
+            &v1s,
+            "--version",
+            "4230.2.0",
+            "--key",
+            &key,
+            "-o",
+            &p("4230.2.0.tpl"),
+            "-q",
+        ],
+    )?;
+    release(
+        tool,
+        &[
+            "full",
+            "--image",
+            &v2s,
+            "--version",
+            "4230.2.1",
+            "--key",
+            &key,
+            "-o",
+            &p("4230.2.1.tpl"),
+            "-q",
+        ],
+    )?;
+    release(
+        tool,
+        &[
+            "delta",
+            "--source",
+            &v1s,
+            "--source-version",
+            "4230.2.0",
+            "--image",
+            &v2s,
+            "--version",
+            "4230.2.1",
+            "--key",
+            &key,
+            "-o",
+            &p("4230.2.0-4230.2.1.tpl"),
+            "-q",
+        ],
+    )?;
+    release(
+        tool,
+        &["verify", &p("4230.2.0-4230.2.1.tpl"), "--keyring", &keyring],
+    )?;
+
+    say("The node was installed with 4230.2.0 in slot A (the full payload, written through a loop device)");
+    let slot_a = LoopPartition::attach(disk, 3)?;
+    let slot_b = LoopPartition::attach(disk, 4)?;
+    release(
+        tool,
+        &[
+            "apply",
+            &p("4230.2.0.tpl"),
+            "--keyring",
+            &keyring,
+            "--target",
+            &slot_a.0,
+            "-q",
+        ],
+    )?;
+
+    say("A tampered delta is refused before anything is written to slot B");
+    let mut tampered = fs::read(p("4230.2.0-4230.2.1.tpl")).context("reading the delta")?;
+    tampered[100] ^= 1;
+    fs::write(p("tampered.tpl"), tampered).context("writing the tampered delta")?;
+    println!(
+        "$ tandem-release apply tampered.tpl --keyring keyring.asc --source {} --target {}",
+        slot_a.0, slot_b.0
+    );
+    let refused = Command::new(tool)
+        .args([
+            "apply",
+            &p("tampered.tpl"),
+            "--keyring",
+            &keyring,
+            "--source",
+            &slot_a.0,
+            "--target",
+            &slot_b.0,
+            "-q",
+        ])
+        .status()
+        .context("running tandem-release")?;
+    if refused.success() {
+        bail!("the tampered payload was applied");
+    }
+
+    say("Running A, the node streams the delta into slot B; interrupted after 2 MiB, then resumed");
+    let checkpoint = p("apply.checkpoint");
+    let apply = |extra: &[&str]| -> Result<()> {
+        let mut args = vec![
+            "apply",
+            &p("4230.2.0-4230.2.1.tpl"),
+            "--keyring",
+            &keyring,
+            "--source",
+            &slot_a.0,
+            "--target",
+            &slot_b.0,
+            "--checkpoint",
+            &checkpoint,
+            "-q",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        release(tool, &args)
+    };
+    apply(&["--stop-after", "2097152", "--threads", "1"])?;
+    apply(&[])?;
+    let written = fs::read(&slot_b.0).context("reading slot B")?;
+    let expected = fs::read(&v2).context("reading the new image")?;
+    if written[..expected.len()] != expected[..] {
+        bail!("slot B does not hold 4230.2.1");
+    }
+    println!(
+        "  slot B now holds 4230.2.1, byte for byte; sizes: full {} KiB, delta {} KiB",
+        fs::metadata(p("4230.2.1.tpl"))
+            .map(|m| m.len() / 1024)
+            .unwrap_or(0),
+        fs::metadata(p("4230.2.0-4230.2.1.tpl"))
+            .map(|m| m.len() / 1024)
+            .unwrap_or(0)
+    );
+    Ok(())
+}
+
 /// What `cgpt` reads for a slot partition: the independent check.
 fn cgpt(image: &str, number: &str, label: &str) -> Result<()> {
     let field = |flag: &str| -> Result<String> {
@@ -223,6 +469,10 @@ fn demo() -> Result<()> {
         "updater",
         "--bin",
         "updatectl",
+        "--package",
+        "release",
+        "--bin",
+        "tandem-release",
     ]))?;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -231,12 +481,13 @@ fn demo() -> Result<()> {
     let bin = root.join("target/debug/updatectl");
     let work = env::temp_dir().join(format!("tandem-demo-{}", std::process::id()));
     fs::create_dir_all(&work)?;
-    let result = demo_on(&bin, &work);
+    let tool = root.join("target/debug/tandem-release");
+    let result = demo_on(&bin, &tool, &work);
     let _ = fs::remove_dir_all(&work);
     result
 }
 
-fn demo_on(bin: &Path, dir: &Path) -> Result<()> {
+fn demo_on(bin: &Path, tool: &Path, dir: &Path) -> Result<()> {
     say("A node's disk as ACL/Flatcar lays it out (made by sgdisk)");
     // The tests' image: ESP, USR-A, USR-B, ROOT; A good at priority 1
     // as the image builder ships it, B empty.
@@ -244,6 +495,8 @@ fn demo_on(bin: &Path, dir: &Path) -> Result<()> {
     let image = made.path_str();
     let image_path = made.path.as_path();
     updatectl(bin, &["slots", "--disk", image])?;
+
+    payload_demo(tool, dir, image_path)?;
 
     say("Stage an update in B: set it next, on trial (1 try)");
     updatectl(bin, &["slots", "set-next", "B", "--disk", image])?;
@@ -270,6 +523,6 @@ fn demo_on(bin: &Path, dir: &Path) -> Result<()> {
     println!("  boot 3: {third} (trial)   boot 4: {fourth} (marked good, stays)");
     cgpt(image, "3", "USR-A")?;
     cgpt(image, "4", "USR-B")?;
-    println!("\nNext issues grow this into a whole update: signed payloads streamed into B,\nthe daemon, health checks and real reboots in a VM.");
+    println!("\nNext issues grow this into the daemon's job: fetching over HTTP, tandemd and\nupdatectl apply, health checks and real reboots in a VM.");
     Ok(())
 }
