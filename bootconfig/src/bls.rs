@@ -289,12 +289,11 @@ pub fn loader_default(loader_conf: &str) -> Option<String> {
 /// A failed BLS operation, naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum BlsError {
-    #[error("{path}: {action}: {source}")]
+    #[error("{path}: {action}: {error}")]
     Io {
         path: PathBuf,
         action: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("not a valid entry stem {0:?} (letters, digits, '-', '_', '.', no '+')")]
     BadStem(String),
@@ -320,10 +319,10 @@ impl EntriesDir {
 
     fn io(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> BlsError {
         let path = path.to_path_buf();
-        move |source| BlsError::Io {
+        move |error| BlsError::Io {
             path,
             action,
-            source,
+            error,
         }
     }
 

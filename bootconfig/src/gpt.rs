@@ -30,12 +30,11 @@ const ATTRIBUTES_OFFSET: usize = 48;
 /// What went wrong with a GPT disk. Every variant names the disk.
 #[derive(Debug, thiserror::Error)]
 pub enum GptError {
-    #[error("{path}: {action}: {source}")]
+    #[error("{path}: {action}: {error}")]
     Io {
         path: PathBuf,
         action: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("{path}: {size} bytes is too small to hold a GPT")]
     TooSmall { path: PathBuf, size: u64 },
@@ -295,10 +294,10 @@ impl GptDisk {
     fn open_with(path: &Path, writable: bool) -> Result<Self, GptError> {
         let io_err = |action: &'static str| {
             let path = path.to_path_buf();
-            move |source| GptError::Io {
+            move |error| GptError::Io {
                 path,
                 action,
-                source,
+                error,
             }
         };
         let mut file = OpenOptions::new()
@@ -521,18 +520,18 @@ impl GptDisk {
     fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<(), GptError> {
         self.file
             .write_all_at(bytes, offset)
-            .map_err(|source| GptError::Io {
+            .map_err(|error| GptError::Io {
                 path: self.path.clone(),
                 action: "cannot write the GPT",
-                source,
+                error,
             })
     }
 
     fn sync(&self) -> Result<(), GptError> {
-        self.file.sync_all().map_err(|source| GptError::Io {
+        self.file.sync_all().map_err(|error| GptError::Io {
             path: self.path.clone(),
             action: "cannot sync",
-            source,
+            error,
         })
     }
 
@@ -589,10 +588,10 @@ fn read_copy(
     let read = |offset: u64, len: usize| -> Result<Vec<u8>, GptError> {
         let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, offset)
-            .map_err(|source| GptError::Io {
+            .map_err(|error| GptError::Io {
                 path: path.to_path_buf(),
                 action: "cannot read the GPT",
-                source,
+                error,
             })?;
         Ok(buf)
     };

@@ -71,17 +71,13 @@ pub enum ApplyError {
         expected: Sha256Hex,
         found: Sha256Hex,
     },
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{context}: {error}")]
+    Io { context: String, error: io::Error },
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyError {
     let context = context.into();
-    move |source| ApplyError::Io { context, source }
+    move |error| ApplyError::Io { context, error }
 }
 
 /// Where one component goes.
@@ -455,7 +451,37 @@ pub fn apply<R: Read>(
                 op: op.clone(),
                 blob,
             };
-            if job_tx.send(job).is_err() {
+            // While the workers are busy, keep absorbing their results
+            // and asking `control`, so a stop request is honoured at once
+            // rather than after the queue drains.
+            let mut pending = job;
+            let sent = loop {
+                match job_tx.try_send(pending) {
+                    Ok(()) => break true,
+                    Err(mpsc::TrySendError::Disconnected(_)) => break false,
+                    Err(mpsc::TrySendError::Full(back)) => pending = back,
+                }
+                if let Ok(r) = done_rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                    absorb(
+                        r,
+                        &mut in_flight,
+                        &mut failure,
+                        &mut done_bytes,
+                        &mut low_water,
+                    );
+                }
+                let progress = ApplyProgress {
+                    phase: Phase::Writing,
+                    done_bytes,
+                    total_bytes,
+                    read_bytes,
+                };
+                if failure.is_some() || control(&progress).is_break() {
+                    stopped = failure.is_none();
+                    break false;
+                }
+            };
+            if !sent {
                 break;
             }
             in_flight += 1;

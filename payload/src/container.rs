@@ -15,16 +15,36 @@ pub enum PayloadError {
     Truncated { section: &'static str },
     #[error(transparent)]
     Header(#[from] HeaderError),
+    // Not `#[from]`: the message already holds the inner error, and a
+    // source would repeat it in `{:#}` chains.
     #[error("payload signature: {0}")]
-    Signature(#[from] SignError),
+    Signature(SignError),
     #[error("payload manifest: {0}")]
-    Manifest(#[from] ManifestError),
+    Manifest(ManifestError),
     #[error("blob of operation {op} at data offset {offset} is corrupt: SHA-256 mismatch")]
     CorruptBlob { op: usize, offset: u64 },
     #[error("payload has bytes after the end of its data section")]
     TrailingData,
     #[error("reading the payload: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+}
+
+impl From<SignError> for PayloadError {
+    fn from(e: SignError) -> Self {
+        PayloadError::Signature(e)
+    }
+}
+
+impl From<ManifestError> for PayloadError {
+    fn from(e: ManifestError) -> Self {
+        PayloadError::Manifest(e)
+    }
+}
+
+impl From<io::Error> for PayloadError {
+    fn from(e: io::Error) -> Self {
+        PayloadError::Io(e)
+    }
 }
 
 /// The part of a payload before its data: header, manifest, signature.

@@ -27,12 +27,8 @@ const READ_CHUNK: usize = 4 << 20;
 /// Why a payload could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum MakeError {
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{context}: {error}")]
+    Io { context: String, error: io::Error },
     #[error("image {path}: {problem}")]
     Image { path: PathBuf, problem: String },
     #[error("zstd: {0}")]
@@ -43,7 +39,7 @@ pub enum MakeError {
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> MakeError {
     let context = context.into();
-    move |source| MakeError::Io { context, source }
+    move |error| MakeError::Io { context, error }
 }
 
 /// Tuning of the maker; the defaults are what `tandem-release` uses.
@@ -220,7 +216,7 @@ fn write_final(
         write_payload(&mut writer, manifest, key, &mut data)?;
         let file = writer.into_inner().map_err(|e| MakeError::Io {
             context: format!("writing {}", tmp.display()),
-            source: e.into_error(),
+            error: e.into_error(),
         })?;
         file.sync_all()
             .map_err(io_err(format!("syncing {}", tmp.display())))?;

@@ -194,7 +194,8 @@ impl Keyring {
             certs: &self.certs,
             signer: None,
         };
-        let bad = |e: openpgp::anyhow::Error| SignError::BadSignature(format!("{e:#}"));
+        // The outermost message only: sequoia repeats the causes in it.
+        let bad = |e: openpgp::anyhow::Error| SignError::BadSignature(e.to_string());
         let mut verifier = DetachedVerifierBuilder::from_bytes(signature)
             .map_err(bad)?
             .with_policy(&policy, None, helper)
