@@ -330,17 +330,7 @@ mod tests {
     #[test]
     fn reference_points_at_the_moved_content() {
         // Source: noise, then at block 320 the content a target chunk holds.
-        let noise = |seed: u64, len: usize| -> Vec<u8> {
-            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-            (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect()
-        };
+        use tandem_testkit::noise;
         let content = noise(7, 64 * 1024);
         let mut source = noise(99, 320 * BS);
         source.extend_from_slice(&content);

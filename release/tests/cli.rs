@@ -37,6 +37,22 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A new key made by `tandem-release keygen`: (secret key, keyring).
+fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = dir.join("key.asc");
+    let keyring = dir.join("keyring.asc");
+    ok(&[
+        "keygen",
+        "--user-id",
+        "t <t@example.invalid>",
+        "--secret",
+        s(&key),
+        "--public",
+        s(&keyring),
+    ]);
+    (key, keyring)
+}
+
 /// A GnuPG home of its own, with one new key of `algo` (no passphrase).
 fn gpg_key(dir: &Path, algo: &str) -> (PathBuf, PathBuf) {
     let home = dir.join(format!("gnupg-{algo}"));
@@ -240,17 +256,7 @@ fn delta_between_ext4_images_round_trips_and_resumes() {
     let new = dir.path().join("new.img");
     ext4(&tree, &new);
 
-    let key = dir.path().join("key.asc");
-    let keyring = dir.path().join("keyring.asc");
-    ok(&[
-        "keygen",
-        "--user-id",
-        "t <t@example.invalid>",
-        "--secret",
-        s(&key),
-        "--public",
-        s(&keyring),
-    ]);
+    let (key, keyring) = keygen(dir.path());
     let delta = dir.path().join("delta.tpl");
     let made = ok(&[
         "delta",
@@ -373,17 +379,7 @@ fn inspect_shows_versions_operations_and_signer() {
     let new = dir.path().join("new.img");
     fs::write(&old, source).unwrap();
     fs::write(&new, target).unwrap();
-    let key = dir.path().join("key.asc");
-    let keyring = dir.path().join("keyring.asc");
-    ok(&[
-        "keygen",
-        "--user-id",
-        "t <t@example.invalid>",
-        "--secret",
-        s(&key),
-        "--public",
-        s(&keyring),
-    ]);
+    let (key, keyring) = keygen(dir.path());
     let delta = dir.path().join("d.tpl");
     ok(&[
         "delta",
@@ -401,6 +397,11 @@ fn inspect_shows_versions_operations_and_signer() {
         s(&delta),
         "--quiet",
     ]);
+    let verified = ok(&["verify", s(&delta), "--keyring", s(&keyring)]);
+    assert!(
+        verified.contains("valid delta payload for version 42"),
+        "{verified}"
+    );
     let text = ok(&["inspect", s(&delta)]);
     assert!(
         text.contains("delta payload, format 1: version 42 from 41"),
