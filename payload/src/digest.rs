@@ -16,6 +16,20 @@ pub fn sha256(data: &[u8]) -> Sha256Hex {
     Sha256Hex(Sha256::digest(data).into())
 }
 
+/// SHA-256 of a stream fed in pieces.
+#[derive(Debug, Clone, Default)]
+pub struct Sha256Stream(Sha256);
+
+impl Sha256Stream {
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    pub fn finish(self) -> Sha256Hex {
+        Sha256Hex(self.0.finalize().into())
+    }
+}
+
 /// The root hash over a list of segment hashes.
 pub fn root_of(segments: &[Sha256Hex]) -> Sha256Hex {
     let mut h = Sha256::new();

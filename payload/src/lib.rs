@@ -8,12 +8,14 @@
 //! - [`plan`]: the planner's pure decisions; [`make`] does its I/O.
 //! - [`apply`]: streamed apply with checkpoints and read-back verification.
 //! - [`digest`]: segmented SHA-256 of images, on every core.
+//! - [`index`]: the signed release index and the choice of release.
 //! - [`summary`]: operation counts and bytes, for `inspect` and benchmarks.
 
 pub mod apply;
 pub mod container;
 pub mod digest;
 pub mod format;
+pub mod index;
 pub mod make;
 pub mod plan;
 pub mod sign;

@@ -44,6 +44,69 @@ enum Command {
     Apply(ApplyArgs),
     /// Make an Ed25519 signing key (secret key file and public certificate).
     Keygen(KeygenArgs),
+    /// Keep a channel's signed release index.
+    #[command(subcommand)]
+    Index(IndexCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum IndexCommand {
+    /// Add a release (its full payload and any deltas) to an index, creating it if missing.
+    Add(IndexAddArgs),
+    /// Remove a release from an index.
+    Remove {
+        /// The index file.
+        #[arg(long, value_name = "FILE")]
+        index: PathBuf,
+        #[arg(long)]
+        version: String,
+    },
+    /// Bump the serial, set the expiry and write FILE.sig (a detached signature).
+    Sign {
+        #[arg(long, value_name = "FILE")]
+        index: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Days until nodes refuse the index.
+        #[arg(long, default_value_t = 14)]
+        expires_in_days: u64,
+    },
+    /// Show an index; with --keyring, check it as a node would.
+    Show {
+        index: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        keyring: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct IndexAddArgs {
+    /// The index file.
+    #[arg(long, value_name = "FILE")]
+    index: PathBuf,
+    /// Channel name, when the index is created.
+    #[arg(long, default_value = "stable")]
+    channel: String,
+    /// The release's full payload; its version is read from its manifest.
+    #[arg(long, value_name = "PAYLOAD")]
+    full: PathBuf,
+    /// Delta payloads to this release (their source versions are read from them).
+    #[arg(long, value_name = "PAYLOAD")]
+    delta: Vec<PathBuf>,
+    /// URL prefix of the payloads (default: beside the index, by file name).
+    #[arg(long, default_value = "")]
+    url_prefix: String,
+    /// Start a phased rollout at this RFC 3339 time (default: now, when --rollout-hours is given).
+    #[arg(long)]
+    rollout_start: Option<String>,
+    /// Spread the rollout over this many hours.
+    #[arg(long)]
+    rollout_hours: Option<u64>,
+    /// Make this release a barrier: older nodes must install it first.
+    #[arg(long)]
+    barrier: bool,
 }
 
 #[derive(Debug, Args)]
@@ -190,6 +253,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => verify(&a),
         Command::Apply(a) => apply(&a),
         Command::Keygen(a) => keygen(&a),
+        Command::Index(c) => index_command(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -641,5 +705,234 @@ fn keygen(args: &KeygenArgs) -> Result<()> {
         args.secret.display(),
         args.public.display()
     );
+    Ok(())
+}
+
+fn load_index(path: &Path) -> Result<payload::index::ReleaseIndex> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    payload::index::ReleaseIndex::parse(&bytes)
+        .with_context(|| format!("reading {}", path.display()))
+}
+
+/// Writes a file atomically (temporary file and rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// Size, SHA-256 and manifest of a payload file (its head is read, not trusted).
+fn describe_payload(
+    path: &Path,
+    prefix: &str,
+) -> Result<(payload::index::PayloadRef, payload::Manifest)> {
+    use std::io::Read;
+    let mut reader = open_payload(path)?;
+    let head = PayloadHead::read_unverified(&mut reader)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = payload::digest::Sha256Stream::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("payload path has no file name")?;
+    Ok((
+        payload::index::PayloadRef {
+            url: format!("{prefix}{name}"),
+            size,
+            sha256: hasher.finish(),
+        },
+        head.manifest,
+    ))
+}
+
+fn index_command(command: IndexCommand) -> Result<()> {
+    use payload::index::{format_time, DeltaRef, Release, ReleaseIndex, Rollout};
+    match command {
+        IndexCommand::Add(a) => {
+            let mut index = if a.index.exists() {
+                load_index(&a.index)?
+            } else {
+                ReleaseIndex::new(&a.channel)
+            };
+            let (full, manifest) = describe_payload(&a.full, &a.url_prefix)?;
+            if manifest.is_delta() {
+                bail!(
+                    "{} is a delta; --full needs a full payload",
+                    a.full.display()
+                );
+            }
+            let version = manifest.target_version.clone();
+            if index.release(&version).is_some() {
+                bail!(
+                    "version {version} is already in {}; remove it first",
+                    a.index.display()
+                );
+            }
+            let mut deltas = Vec::new();
+            for d in &a.delta {
+                let (r, m) = describe_payload(d, &a.url_prefix)?;
+                let Some(source_version) = m.source_version.clone() else {
+                    bail!("{} is a full payload; --delta needs a delta", d.display());
+                };
+                if m.target_version != version {
+                    bail!(
+                        "{} makes version {}, not {version}",
+                        d.display(),
+                        m.target_version
+                    );
+                }
+                deltas.push(DeltaRef {
+                    source_version,
+                    url: r.url,
+                    size: r.size,
+                    sha256: r.sha256,
+                });
+            }
+            let now = std::time::SystemTime::now();
+            let rollout = match (a.rollout_start, a.rollout_hours) {
+                (None, None) => None,
+                (start, hours) => Some(Rollout {
+                    start: start.unwrap_or_else(|| format_time(now)),
+                    duration_seconds: hours.unwrap_or(0) * 3600,
+                }),
+            };
+            index.releases.push(Release {
+                version: version.clone(),
+                published: format_time(now),
+                full,
+                deltas,
+                rollout,
+                barrier: a.barrier,
+            });
+            index.check().context("the new entry is not valid")?;
+            write_atomic(&a.index, &index.to_bytes())?;
+            println!(
+                "added {version} to {} (sign it to publish)",
+                a.index.display()
+            );
+        }
+        IndexCommand::Remove {
+            index: path,
+            version,
+        } => {
+            let mut index = load_index(&path)?;
+            let before = index.releases.len();
+            index.releases.retain(|r| r.version != version);
+            if index.releases.len() == before {
+                bail!("version {version} is not in {}", path.display());
+            }
+            write_atomic(&path, &index.to_bytes())?;
+            println!(
+                "removed {version} from {} (sign it to publish)",
+                path.display()
+            );
+        }
+        IndexCommand::Sign {
+            index: path,
+            key,
+            expires_in_days,
+        } => {
+            let key = SigningKey::from_file(&key)?;
+            let mut index = load_index(&path)?;
+            let now = std::time::SystemTime::now();
+            // Serials only grow: at least the previous one plus one, and
+            // the time in seconds, so two release machines rarely collide.
+            let clock = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            index.serial = (index.serial + 1).max(clock);
+            index.expires = format_time(now + Duration::from_secs(expires_in_days * 86400));
+            let bytes = index.to_bytes();
+            let signature = key.sign_detached(&bytes)?;
+            let sig_path = PathBuf::from(format!("{}.sig", path.display()));
+            write_atomic(&path, &bytes)?;
+            write_atomic(&sig_path, &signature)?;
+            println!(
+                "signed {} (serial {}, expires {}) by {}; signature in {}",
+                path.display(),
+                index.serial,
+                index.expires,
+                key.fingerprint(),
+                sig_path.display()
+            );
+        }
+        IndexCommand::Show {
+            index: path,
+            keyring,
+            json,
+        } => {
+            let index = if keyring.is_empty() {
+                load_index(&path)?
+            } else {
+                let ring = load_keyring(&keyring)?;
+                let bytes =
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                let sig_path = PathBuf::from(format!("{}.sig", path.display()));
+                let sig = std::fs::read(&sig_path)
+                    .with_context(|| format!("reading {}", sig_path.display()))?;
+                payload::index::verify_index(
+                    &bytes,
+                    &sig,
+                    &ring,
+                    std::time::SystemTime::now(),
+                    None,
+                )
+                .with_context(|| format!("checking {}", path.display()))?
+            };
+            if json {
+                return print_json(&index);
+            }
+            println!(
+                "channel {}, serial {}, expires {}{}",
+                index.channel,
+                index.serial,
+                index.expires,
+                if keyring.is_empty() {
+                    " (signature not checked)"
+                } else {
+                    " (signature valid)"
+                }
+            );
+            for r in &index.releases {
+                println!(
+                    "{}{}: full {} ({}){}",
+                    r.version,
+                    if r.barrier { " [barrier]" } else { "" },
+                    r.full.url,
+                    mib(r.full.size),
+                    r.rollout
+                        .as_ref()
+                        .map(|ro| format!(
+                            ", rollout from {} over {} h",
+                            ro.start,
+                            ro.duration_seconds / 3600
+                        ))
+                        .unwrap_or_default()
+                );
+                for d in &r.deltas {
+                    println!(
+                        "    delta from {}: {} ({})",
+                        d.source_version,
+                        d.url,
+                        mib(d.size)
+                    );
+                }
+            }
+        }
+    }
     Ok(())
 }

@@ -432,3 +432,125 @@ fn inspect_shows_versions_operations_and_signer() {
     ]);
     assert!(err.contains("missing"), "{err}");
 }
+
+#[test]
+fn index_add_sign_show_and_refuse_tampering() {
+    let dir = TempDir::new("index");
+    let (source, target) = image_pair();
+    let old = dir.path().join("old.img");
+    let new = dir.path().join("new.img");
+    fs::write(&old, source).unwrap();
+    fs::write(&new, target).unwrap();
+    let (key, keyring) = keygen(dir.path());
+    let p = |n: &str| dir.path().join(n);
+    ok(&[
+        "full",
+        "--image",
+        s(&old),
+        "--version",
+        "1.0",
+        "--key",
+        s(&key),
+        "-o",
+        s(&p("1.0.tpl")),
+        "-q",
+    ]);
+    ok(&[
+        "full",
+        "--image",
+        s(&new),
+        "--version",
+        "1.1",
+        "--key",
+        s(&key),
+        "-o",
+        s(&p("1.1.tpl")),
+        "-q",
+    ]);
+    ok(&[
+        "delta",
+        "--source",
+        s(&old),
+        "--source-version",
+        "1.0",
+        "--image",
+        s(&new),
+        "--version",
+        "1.1",
+        "--key",
+        s(&key),
+        "-o",
+        s(&p("1.0-1.1.tpl")),
+        "-q",
+    ]);
+    let index = p("stable.json");
+    ok(&[
+        "index",
+        "add",
+        "--index",
+        s(&index),
+        "--full",
+        s(&p("1.0.tpl")),
+    ]);
+    ok(&[
+        "index",
+        "add",
+        "--index",
+        s(&index),
+        "--full",
+        s(&p("1.1.tpl")),
+        "--delta",
+        s(&p("1.0-1.1.tpl")),
+        "--rollout-hours",
+        "24",
+        "--barrier",
+    ]);
+    // A delta given as a full payload, or a release added twice: refused.
+    let err = fails(&[
+        "index",
+        "add",
+        "--index",
+        s(&index),
+        "--full",
+        s(&p("1.0-1.1.tpl")),
+    ]);
+    assert!(err.contains("is a delta"), "{err}");
+    let err = fails(&[
+        "index",
+        "add",
+        "--index",
+        s(&index),
+        "--full",
+        s(&p("1.1.tpl")),
+    ]);
+    assert!(err.contains("already in"), "{err}");
+    ok(&["index", "sign", "--index", s(&index), "--key", s(&key)]);
+    let shown = ok(&[
+        "index",
+        "show",
+        s(&index),
+        "--keyring",
+        s(&keyring),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert!(v["serial"].as_u64().unwrap() > 1_700_000_000);
+    let r = &v["releases"][1];
+    assert_eq!(r["version"], "1.1");
+    assert_eq!(r["barrier"], true);
+    assert_eq!(r["deltas"][0]["source_version"], "1.0");
+    assert_eq!(r["deltas"][0]["url"], "1.0-1.1.tpl");
+    assert_eq!(
+        r["full"]["size"].as_u64().unwrap(),
+        fs::metadata(p("1.1.tpl")).unwrap().len()
+    );
+    let text = ok(&["index", "show", s(&index), "--keyring", s(&keyring)]);
+    assert!(text.contains("(signature valid)"), "{text}");
+    // Tampered after signing: refused when checked.
+    let mut bytes = fs::read(&index).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    fs::write(&index, bytes).unwrap();
+    let err = fails(&["index", "show", s(&index), "--keyring", s(&keyring)]);
+    assert!(err.contains("signature"), "{err}");
+}
