@@ -170,6 +170,39 @@ impl Keyring {
         })
     }
 
+    /// Reads every `*.asc`, `*.gpg` and `*.pgp` file in the folders (in
+    /// name order; a missing folder is skipped), as `keys.d` holds them.
+    pub fn from_dirs(dirs: &[PathBuf]) -> Result<Keyring, SignError> {
+        let mut ring = Keyring::default();
+        for dir in dirs {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(SignError::KeyFile {
+                        path: dir.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            };
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|x| x == "asc" || x == "gpg" || x == "pgp")
+                })
+                .collect();
+            files.sort();
+            for f in files {
+                ring.extend(Keyring::from_file(&f)?);
+            }
+        }
+        if ring.certs.is_empty() {
+            return Err(SignError::EmptyKeyring);
+        }
+        Ok(ring)
+    }
+
     /// Adds the certificates of another keyring.
     pub fn extend(&mut self, other: Keyring) {
         self.certs.extend(other.certs);
@@ -273,4 +306,39 @@ pub fn generate_key(user_id: &str) -> Result<(String, String), SignError> {
         String::from_utf8_lossy(&secret).into_owned(),
         String::from_utf8_lossy(&public).into_owned(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_d_folders_are_read_and_an_empty_set_is_an_error() {
+        let root = std::env::temp_dir().join(format!("tandem-keysd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (a, b) = (root.join("usr"), root.join("etc"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let dirs = vec![a.clone(), b.clone(), root.join("missing")];
+        assert!(matches!(
+            Keyring::from_dirs(&dirs),
+            Err(SignError::EmptyKeyring)
+        ));
+        let (secret, public) = generate_key("k1 <k1@example.invalid>").unwrap();
+        let (_, other) = generate_key("k2 <k2@example.invalid>").unwrap();
+        std::fs::write(a.join("release.asc"), &public).unwrap();
+        std::fs::write(b.join("extra.asc"), &other).unwrap();
+        std::fs::write(b.join("notes.txt"), "not a key").unwrap();
+        let ring = Keyring::from_dirs(&dirs).unwrap();
+        assert_eq!(ring.fingerprints().len(), 2);
+        let key = SigningKey::from_bytes(secret.as_bytes()).unwrap();
+        let sig = key.sign_detached(b"manifest").unwrap();
+        assert_eq!(
+            ring.verify_detached(b"manifest", &sig).unwrap(),
+            key.fingerprint()
+        );
+        std::fs::write(b.join("broken.asc"), "garbage").unwrap();
+        assert!(Keyring::from_dirs(&dirs).is_err());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -1,0 +1,300 @@
+//! The engine's configuration: TOML with drop-ins. Files are read in this
+//! order, later ones overriding earlier ones key by key (tables merge,
+//! everything else replaces): `/usr/lib/tandem/config.d/*.toml` (shipped in
+//! the image), then `/etc/tandem/config.d/*.toml` (the node's), each folder
+//! in file-name order. Every path the engine writes or runs comes from here,
+//! so tests point it at their own files.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The folders read, in order, under a root (`/` on a node).
+pub const CONFIG_DIRS: [&str; 2] = ["usr/lib/tandem/config.d", "etc/tandem/config.d"];
+
+/// Why the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("configuration is not valid: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration, with defaults for everything but the index.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: Server,
+    pub slots: Slots,
+    pub keys: Keys,
+    pub schedule: Schedule,
+    pub reboot: Reboot,
+    /// Where the engine keeps its state (`/var/lib/tandem`).
+    pub state_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: Server::default(),
+            slots: Slots::default(),
+            keys: Keys::default(),
+            schedule: Schedule::default(),
+            reboot: Reboot::default(),
+            state_dir: PathBuf::from("/var/lib/tandem"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// URL of the channel's signed index (`https://`, `http://`, `file://`).
+    pub index_url: Option<String>,
+    /// Tried in order when the index URL fails; each replaces the index URL's folder.
+    pub mirrors: Vec<String>,
+    /// Proxy URL; unset means the usual environment variables.
+    pub proxy: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Slots {
+    /// The disk holding the slots; unset means the disk of the booted slot.
+    pub disk: Option<PathBuf>,
+    pub label_a: String,
+    pub label_b: String,
+    /// `gptprio` (GRUB) or `bls` (systemd-boot).
+    pub boot_backend: BootBackendKind,
+    /// The ESP, for `bls`.
+    pub esp: Option<PathBuf>,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots {
+            disk: None,
+            label_a: "USR-A".into(),
+            label_b: "USR-B".into(),
+            boot_backend: BootBackendKind::Gptprio,
+            esp: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootBackendKind {
+    Gptprio,
+    Bls,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Keys {
+    /// Folders of trusted certificates (`*.asc`, `*.gpg`, `*.pgp`).
+    pub dirs: Vec<PathBuf>,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys {
+            dirs: vec![
+                PathBuf::from("/usr/share/tandem/keys.d"),
+                PathBuf::from("/etc/tandem/keys.d"),
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AutoMode {
+    /// Never check on its own.
+    Off,
+    /// Check and report, do not download.
+    Check,
+    /// Check, download, apply and stage for the next boot.
+    Stage,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Schedule {
+    pub mode: AutoMode,
+    /// Seconds between checks.
+    pub interval_seconds: u64,
+    /// Up to this many seconds added at random to each interval.
+    pub jitter_seconds: u64,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            mode: AutoMode::Stage,
+            interval_seconds: 3600,
+            jitter_seconds: 600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reboot {
+    /// The command that reboots the node (tests point it at a recorder).
+    pub command: Vec<String>,
+}
+
+impl Default for Reboot {
+    fn default() -> Self {
+        Reboot {
+            command: vec!["systemctl".into(), "reboot".into()],
+        }
+    }
+}
+
+/// The drop-in files under `root`, in the order they apply.
+pub fn drop_in_files(root: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let mut files = Vec::new();
+    for dir in CONFIG_DIRS {
+        let dir = root.join(dir);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(ConfigError::Read { path: dir, error }),
+        };
+        let mut here: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        here.sort();
+        files.extend(here);
+    }
+    Ok(files)
+}
+
+/// Merges `over` into `base`: tables key by key, anything else replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Parses and merges TOML documents (name, text) in order.
+pub fn from_documents(docs: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
+    let mut merged = toml::Table::new();
+    for (path, text) in docs {
+        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.clone(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        merge(&mut merged, table);
+    }
+    let config: Config = toml::Value::Table(merged)
+        .try_into()
+        .map_err(|e: toml::de::Error| {
+            ConfigError::Invalid(e.to_string().trim().replace('\n', " "))
+        })?;
+    if config.slots.boot_backend == BootBackendKind::Bls && config.slots.esp.is_none() {
+        return Err(ConfigError::Invalid(
+            "slots.boot_backend = \"bls\" needs slots.esp".into(),
+        ));
+    }
+    Ok(config)
+}
+
+/// Reads every drop-in under `root` (`/` on a node).
+pub fn load(root: &Path) -> Result<Config, ConfigError> {
+    let mut docs = Vec::new();
+    for path in drop_in_files(root)? {
+        let text = std::fs::read_to_string(&path).map_err(|error| ConfigError::Read {
+            path: path.clone(),
+            error,
+        })?;
+        docs.push((path, text));
+    }
+    from_documents(&docs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(name: &str, text: &str) -> (PathBuf, String) {
+        (PathBuf::from(name), text.to_owned())
+    }
+
+    #[test]
+    fn defaults_then_drop_ins_override_key_by_key() {
+        assert_eq!(from_documents(&[]).unwrap(), Config::default());
+        let config = from_documents(&[
+            doc(
+                "usr/10-image.toml",
+                "[server]\nindex_url = \"https://updates.example/stable.json\"\n[schedule]\nmode = \"stage\"\ninterval_seconds = 7200\n",
+            ),
+            doc("etc/50-node.toml", "[schedule]\nmode = \"check\"\n"),
+        ])
+        .unwrap();
+        assert_eq!(
+            config.server.index_url.as_deref(),
+            Some("https://updates.example/stable.json")
+        );
+        assert_eq!(config.schedule.mode, AutoMode::Check);
+        assert_eq!(config.schedule.interval_seconds, 7200);
+        assert_eq!(config.slots.label_a, "USR-A");
+    }
+
+    #[test]
+    fn unknown_keys_bad_values_and_syntax_are_errors_naming_the_file() {
+        let err = from_documents(&[doc("a.toml", "[server]\nindex_ulr = \"x\"\n")]).unwrap_err();
+        assert!(err.to_string().contains("index_ulr"), "{err}");
+        let err = from_documents(&[doc("b.toml", "[schedule]\nmode = \"often\"\n")]).unwrap_err();
+        assert!(err.to_string().contains("often"), "{err}");
+        let err = from_documents(&[doc("c.toml", "[server\n")]).unwrap_err();
+        assert!(err.to_string().starts_with("c.toml"), "{err}");
+        let err =
+            from_documents(&[doc("d.toml", "[slots]\nboot_backend = \"bls\"\n")]).unwrap_err();
+        assert!(err.to_string().contains("needs slots.esp"), "{err}");
+    }
+
+    #[test]
+    fn drop_ins_are_read_from_both_folders_in_order() {
+        let root = std::env::temp_dir().join(format!("tandem-config-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for dir in CONFIG_DIRS {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::fs::write(
+            root.join("usr/lib/tandem/config.d/20-b.toml"),
+            "state_dir = \"/usr-b\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("usr/lib/tandem/config.d/10-a.toml"),
+            "state_dir = \"/usr-a\"\n[reboot]\ncommand = [\"/bin/true\"]\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("etc/tandem/config.d/README"), "ignored").unwrap();
+        let config = load(&root).unwrap();
+        assert_eq!(config.state_dir, PathBuf::from("/usr-b"));
+        assert_eq!(config.reboot.command, vec!["/bin/true".to_string()]);
+        std::fs::write(
+            root.join("etc/tandem/config.d/90-node.toml"),
+            "state_dir = \"/etc-wins\"\n",
+        )
+        .unwrap();
+        assert_eq!(load(&root).unwrap().state_dir, PathBuf::from("/etc-wins"));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
