@@ -135,19 +135,9 @@ impl Checkpoint {
     /// Writes it atomically: temporary file, fsync, rename, fsync of the folder.
     pub fn store(&self, path: &Path) -> Result<(), ApplyError> {
         let ctx = || format!("writing checkpoint {}", path.display());
-        let tmp = path.with_extension("tmp");
         let bytes =
             serde_json::to_vec_pretty(self).map_err(|e| io_err(ctx())(io::Error::other(e)))?;
-        let file = File::create(&tmp).map_err(io_err(ctx()))?;
-        file.write_all_at(&bytes, 0).map_err(io_err(ctx()))?;
-        file.sync_all().map_err(io_err(ctx()))?;
-        std::fs::rename(&tmp, path).map_err(io_err(ctx()))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(ctx()))?;
-        }
-        Ok(())
+        crate::files::write_atomic(path, &bytes).map_err(io_err(ctx()))
     }
 }
 
@@ -593,10 +583,7 @@ fn checkpoint(
 }
 
 fn device_size(file: &File, path: &Path) -> Result<u64, ApplyError> {
-    use std::io::{Seek, SeekFrom};
-    let mut f = file;
-    f.seek(SeekFrom::End(0))
-        .map_err(io_err(format!("sizing {}", path.display())))
+    crate::files::file_len(file).map_err(io_err(format!("sizing {}", path.display())))
 }
 
 fn same_file(a: &File, b: &File) -> Result<bool, ApplyError> {

@@ -354,19 +354,6 @@ pub enum OpKind {
     Patch,
 }
 
-impl OpKind {
-    pub const ALL: [OpKind; 4] = [OpKind::Zero, OpKind::Copy, OpKind::Data, OpKind::Patch];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            OpKind::Zero => "zero",
-            OpKind::Copy => "copy",
-            OpKind::Data => "data",
-            OpKind::Patch => "patch",
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

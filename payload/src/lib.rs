@@ -9,11 +9,13 @@
 //! - [`apply`]: streamed apply with checkpoints and read-back verification.
 //! - [`digest`]: segmented SHA-256 of images, on every core.
 //! - [`index`]: the signed release index and the choice of release.
+//! - [`files`]: file length and atomic replacement.
 //! - [`summary`]: operation counts and bytes, for `inspect` and benchmarks.
 
 pub mod apply;
 pub mod container;
 pub mod digest;
+pub mod files;
 pub mod format;
 pub mod index;
 pub mod make;

@@ -234,10 +234,8 @@ fn open_image(path: &Path) -> Result<File, MakeError> {
 
 /// Size of a regular file or block device.
 pub fn image_size(file: &File, path: &Path) -> Result<u64, MakeError> {
-    let mut f = file;
-    let size = f
-        .seek(SeekFrom::End(0))
-        .map_err(io_err(format!("sizing {}", path.display())))?;
+    let size =
+        crate::files::file_len(file).map_err(io_err(format!("sizing {}", path.display())))?;
     if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
         return Err(MakeError::Image {
             path: path.to_owned(),
@@ -274,6 +272,58 @@ fn split_range(blocks: u64, parts: usize) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Reads blocks `0..blocks` of `file` on `threads` threads, each over its
+/// own contiguous range in chunks of up to [`READ_CHUNK`], reporting
+/// progress as `phase`. `scan(first_block, bytes, state)` sees every chunk
+/// of a range in order; the per-range states come back in range order.
+fn scan_parallel<T, F>(
+    file: &File,
+    blocks: u64,
+    threads: usize,
+    phase: &'static str,
+    progress: &(dyn Fn(MakeProgress) + Sync),
+    scan: &F,
+) -> io::Result<Vec<T>>
+where
+    T: Default + Send,
+    F: Fn(u64, &[u8], &mut T) -> io::Result<()> + Sync,
+{
+    let done = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = split_range(blocks, threads)
+            .into_iter()
+            .map(|(first, end)| {
+                let done = &done;
+                scope.spawn(move || -> io::Result<T> {
+                    let mut state = T::default();
+                    let mut buf = vec![0u8; READ_CHUNK];
+                    let mut block = first;
+                    while block < end {
+                        let n = ((end - block) as usize * BS).min(READ_CHUNK);
+                        file.read_exact_at(&mut buf[..n], block * BLOCK_SIZE)?;
+                        scan(block, &buf[..n], &mut state)?;
+                        block += (n / BS) as u64;
+                        let d = done.fetch_add(n / BS, Ordering::Relaxed) + n / BS;
+                        progress(MakeProgress {
+                            phase,
+                            done: d as u64,
+                            total: blocks,
+                        });
+                    }
+                    Ok(state)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("reading thread panicked")))
+            })
+            .collect()
+    })
+}
+
 /// One thread's share of the source index: (block hash, block) pairs and
 /// (anchor hash, block) pairs.
 type IndexPart = (Vec<(u64, u32)>, Vec<(u64, u32)>);
@@ -284,53 +334,27 @@ fn index_source(
     threads: usize,
     progress: &(dyn Fn(MakeProgress) + Sync),
 ) -> io::Result<SourceIndex> {
-    let blocks = size / BLOCK_SIZE;
-    let done = AtomicUsize::new(0);
-    let parts: Vec<io::Result<IndexPart>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = split_range(blocks, threads)
-            .into_iter()
-            .map(|(first, end)| {
-                let done = &done;
-                scope.spawn(move || -> io::Result<_> {
-                    let mut hashes = Vec::new();
-                    let mut anchors = Vec::new();
-                    let mut buf = vec![0u8; READ_CHUNK];
-                    let mut block = first;
-                    while block < end {
-                        let n = ((end - block) as usize * BS).min(READ_CHUNK);
-                        file.read_exact_at(&mut buf[..n], block * BLOCK_SIZE)?;
-                        for (i, b) in buf[..n].chunks(BS).enumerate() {
-                            if !plan::is_zero(b) {
-                                hashes.push((block_hash(b), (block + i as u64) as u32));
-                            }
-                        }
-                        plan::for_each_anchor(&buf[..n], |h, off| {
-                            anchors.push((h, (block + (off / BS) as u64) as u32));
-                        });
-                        block += (n / BS) as u64;
-                        let d = done.fetch_add(n / BS, Ordering::Relaxed) + n / BS;
-                        progress(MakeProgress {
-                            phase: "indexing source",
-                            done: d as u64,
-                            total: blocks,
-                        });
-                    }
-                    Ok((hashes, anchors))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("indexing thread panicked")))
-            })
-            .collect()
-    });
+    let parts = scan_parallel(
+        file,
+        size / BLOCK_SIZE,
+        threads,
+        "indexing source",
+        progress,
+        &|block, bytes, (hashes, anchors): &mut IndexPart| {
+            for (i, b) in bytes.chunks(BS).enumerate() {
+                if !plan::is_zero(b) {
+                    hashes.push((block_hash(b), (block + i as u64) as u32));
+                }
+            }
+            plan::for_each_anchor(bytes, |h, off| {
+                anchors.push((h, (block + (off / BS) as u64) as u32));
+            });
+            Ok(())
+        },
+    )?;
     let mut map = HashMap::new();
     let mut all_anchors = Vec::new();
-    for part in parts {
-        let (hashes, anchors) = part?;
+    for (hashes, anchors) in parts {
         for (h, b) in hashes {
             map.entry(h).or_insert(b);
         }
@@ -342,6 +366,41 @@ fn index_source(
     })
 }
 
+/// What one target block is, given the source block at the same position
+/// (when there is one).
+fn classify_block(
+    here: u64,
+    block: &[u8],
+    same: Option<&[u8]>,
+    source: Option<&SourceView<'_>>,
+    other: &mut [u8],
+) -> io::Result<BlockClass> {
+    if plan::is_zero(block) {
+        return Ok(BlockClass::Zero);
+    }
+    let Some(s) = source else {
+        return Ok(BlockClass::Literal);
+    };
+    if same == Some(block) {
+        return Ok(BlockClass::Copy(here));
+    }
+    if let Some(&src) = s.index.blocks.get(&block_hash(block)) {
+        s.file.read_exact_at(other, u64::from(src) * BLOCK_SIZE)?;
+        if other == block {
+            return Ok(BlockClass::Copy(u64::from(src)));
+        }
+    }
+    Ok(BlockClass::Literal)
+}
+
+/// One matching thread's results and its reusable buffers.
+#[derive(Default)]
+struct ClassifyState {
+    classes: Vec<BlockClass>,
+    same: Vec<u8>,
+    other: Vec<u8>,
+}
+
 fn classify_target(
     target: &File,
     size: u64,
@@ -349,84 +408,34 @@ fn classify_target(
     threads: usize,
     progress: &(dyn Fn(MakeProgress) + Sync),
 ) -> io::Result<Vec<BlockClass>> {
-    let blocks = size / BLOCK_SIZE;
-    let done = AtomicUsize::new(0);
-    let parts: Vec<io::Result<Vec<BlockClass>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = split_range(blocks, threads)
-            .into_iter()
-            .map(|(first, end)| {
-                let done = &done;
-                scope.spawn(move || -> io::Result<Vec<BlockClass>> {
-                    let mut classes = Vec::with_capacity((end - first) as usize);
-                    let mut buf = vec![0u8; READ_CHUNK];
-                    let mut same = vec![0u8; READ_CHUNK];
-                    let mut other = vec![0u8; BS];
-                    let mut block = first;
-                    while block < end {
-                        let n = ((end - block) as usize * BS).min(READ_CHUNK);
-                        target.read_exact_at(&mut buf[..n], block * BLOCK_SIZE)?;
-                        // The source at the same position: the usual match.
-                        let same_len = match source {
-                            Some(s) if block < s.blocks => {
-                                let len = n.min(((s.blocks - block) as usize) * BS);
-                                s.file.read_exact_at(&mut same[..len], block * BLOCK_SIZE)?;
-                                len
-                            }
-                            _ => 0,
-                        };
-                        for (i, b) in buf[..n].chunks(BS).enumerate() {
-                            let here = block + i as u64;
-                            let class = if plan::is_zero(b) {
-                                BlockClass::Zero
-                            } else if let Some(s) = source {
-                                if (i + 1) * BS <= same_len && same[i * BS..(i + 1) * BS] == *b {
-                                    BlockClass::Copy(here)
-                                } else {
-                                    match s.index.blocks.get(&block_hash(b)) {
-                                        Some(&src) => {
-                                            s.file.read_exact_at(
-                                                &mut other,
-                                                u64::from(src) * BLOCK_SIZE,
-                                            )?;
-                                            if other == b {
-                                                BlockClass::Copy(u64::from(src))
-                                            } else {
-                                                BlockClass::Literal
-                                            }
-                                        }
-                                        None => BlockClass::Literal,
-                                    }
-                                }
-                            } else {
-                                BlockClass::Literal
-                            };
-                            classes.push(class);
-                        }
-                        block += (n / BS) as u64;
-                        let d = done.fetch_add(n / BS, Ordering::Relaxed) + n / BS;
-                        progress(MakeProgress {
-                            phase: "matching target blocks",
-                            done: d as u64,
-                            total: blocks,
-                        });
-                    }
-                    Ok(classes)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("matching thread panicked")))
-            })
-            .collect()
-    });
-    let mut classes = Vec::with_capacity(blocks as usize);
-    for part in parts {
-        classes.extend(part?);
-    }
-    Ok(classes)
+    let parts = scan_parallel(
+        target,
+        size / BLOCK_SIZE,
+        threads,
+        "matching target blocks",
+        progress,
+        &|block, bytes, state: &mut ClassifyState| {
+            let ClassifyState {
+                classes,
+                same,
+                other,
+            } = state;
+            // The source at the same position: the usual match.
+            same.clear();
+            if let Some(s) = source.filter(|s| block < s.blocks) {
+                let len = bytes.len().min(((s.blocks - block) as usize) * BS);
+                same.resize(len, 0);
+                s.file.read_exact_at(same, block * BLOCK_SIZE)?;
+            }
+            other.resize(BS, 0);
+            let same_blocks = same.chunks(BS).map(Some).chain(std::iter::repeat(None));
+            for (i, (b, same)) in bytes.chunks(BS).zip(same_blocks).enumerate() {
+                classes.push(classify_block(block + i as u64, b, same, source, other)?);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(parts.into_iter().flat_map(|p| p.classes).collect())
 }
 
 /// Reads the blocks of `extents` from `file`, concatenated.

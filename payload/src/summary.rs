@@ -33,27 +33,29 @@ pub fn summarize(manifest: &Manifest) -> Vec<ComponentSummary> {
         .components
         .iter()
         .map(|c| {
-            let mut by_kind = [KindStats::default(); 4];
-            for op in &c.operations {
-                let s = &mut by_kind[OpKind::ALL
-                    .iter()
-                    .position(|k| *k == op.kind())
-                    .unwrap_or(0)];
-                s.operations += 1;
-                s.target_bytes += total_blocks(op.dst()) * BLOCK_SIZE;
-                s.blob_bytes += op.blob().map_or(0, |b| b.len);
-            }
-            ComponentSummary {
+            let mut summary = ComponentSummary {
                 name: c.name.clone(),
                 target_size: c.target.size,
                 target_sha256: c.target.digest.sha256.to_hex(),
                 source_size: c.source.as_ref().map(|s| s.size),
                 source_sha256: c.source.as_ref().map(|s| s.digest.sha256.to_hex()),
-                zero: by_kind[0],
-                copy: by_kind[1],
-                data: by_kind[2],
-                patch: by_kind[3],
+                zero: KindStats::default(),
+                copy: KindStats::default(),
+                data: KindStats::default(),
+                patch: KindStats::default(),
+            };
+            for op in &c.operations {
+                let s = match op.kind() {
+                    OpKind::Zero => &mut summary.zero,
+                    OpKind::Copy => &mut summary.copy,
+                    OpKind::Data => &mut summary.data,
+                    OpKind::Patch => &mut summary.patch,
+                };
+                s.operations += 1;
+                s.target_bytes += total_blocks(op.dst()) * BLOCK_SIZE;
+                s.blob_bytes += op.blob().map_or(0, |b| b.len);
             }
+            summary
         })
         .collect()
 }

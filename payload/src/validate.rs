@@ -187,7 +187,7 @@ fn check_op(op: &Operation, target_blocks: u64, source_blocks: Option<u64>) -> R
     check_extents(dst, target_blocks, "destination")?;
     let dst_blocks = total_blocks(dst);
     let src = op.src();
-    if !src.is_empty() || matches!(op, Operation::Copy { .. } | Operation::Patch { .. }) {
+    if matches!(op, Operation::Copy { .. } | Operation::Patch { .. }) {
         let Some(source_blocks) = source_blocks else {
             return Err("reads a source, but the component has none".into());
         };

@@ -714,11 +714,9 @@ fn load_index(path: &Path) -> Result<payload::index::ReleaseIndex> {
         .with_context(|| format!("reading {}", path.display()))
 }
 
-/// Writes a file atomically (temporary file and rename).
+/// Writes a file atomically (temporary file, fsync, rename).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    payload::files::write_atomic(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Size, SHA-256 and manifest of a payload file (its head is read, not trusted).

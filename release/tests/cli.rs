@@ -37,6 +37,16 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The testkit's image pair written to `old.img` and `new.img`.
+fn image_files(dir: &Path) -> (PathBuf, PathBuf) {
+    let (source, target) = image_pair();
+    let old = dir.join("old.img");
+    let new = dir.join("new.img");
+    fs::write(&old, source).unwrap();
+    fs::write(&new, target).unwrap();
+    (old, new)
+}
+
 /// A new key made by `tandem-release keygen`: (secret key, keyring).
 fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
     let key = dir.join("key.asc");
@@ -374,11 +384,7 @@ fn delta_between_ext4_images_round_trips_and_resumes() {
 #[test]
 fn inspect_shows_versions_operations_and_signer() {
     let dir = TempDir::new("inspect");
-    let (source, target) = image_pair();
-    let old = dir.path().join("old.img");
-    let new = dir.path().join("new.img");
-    fs::write(&old, source).unwrap();
-    fs::write(&new, target).unwrap();
+    let (old, new) = image_files(dir.path());
     let (key, keyring) = keygen(dir.path());
     let delta = dir.path().join("d.tpl");
     ok(&[
@@ -436,11 +442,7 @@ fn inspect_shows_versions_operations_and_signer() {
 #[test]
 fn index_add_sign_show_and_refuse_tampering() {
     let dir = TempDir::new("index");
-    let (source, target) = image_pair();
-    let old = dir.path().join("old.img");
-    let new = dir.path().join("new.img");
-    fs::write(&old, source).unwrap();
-    fs::write(&new, target).unwrap();
+    let (old, new) = image_files(dir.path());
     let (key, keyring) = keygen(dir.path());
     let p = |n: &str| dir.path().join(n);
     ok(&[
