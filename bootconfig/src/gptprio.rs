@@ -106,7 +106,7 @@ impl std::fmt::Debug for GptPrio {
 }
 
 /// What a slot's boot state means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SlotStatus {
     /// Marked good: boots whenever it has the highest priority.

@@ -27,7 +27,9 @@ pub use guid::{Guid, FLATCAR_USR_TYPE};
 pub use slots::{Slot, SlotLayout};
 
 /// One of the two A/B slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum SlotName {
     A,
     B,

@@ -14,14 +14,15 @@ use std::io::{self, Read};
 use std::ops::ControlFlow;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use serde::{Deserialize, Serialize};
 
 use crate::container::{PayloadError, PayloadHead};
 use crate::digest::{digest_file, sha256, worker_count};
-use crate::format::{total_blocks, Extent, ImageRef, Operation, Sha256Hex, BLOCK_SIZE};
+use crate::format::{total_blocks, Extent, ImageRef, Manifest, Operation, Sha256Hex, BLOCK_SIZE};
 use crate::make::read_extents;
+use crate::region::{ByteRange, Region};
 use crate::sign::Keyring;
 
 /// Why an apply failed. The slot it wrote must not be booted.
@@ -49,8 +50,16 @@ pub enum ApplyError {
         have: u64,
         need: u64,
     },
-    #[error("component {component}: source and target are the same file ({path})")]
+    #[error("refused before writing: {0}")]
+    Refused(String),
+    #[error("component {component}: source and target are the same bytes of {path}")]
     SourceIsTarget { component: String, path: PathBuf },
+    #[error("{path}: bytes {}..{} are outside its {size} bytes", range.offset, range.end())]
+    RangeOutside {
+        path: PathBuf,
+        range: ByteRange,
+        size: u64,
+    },
     #[error("component {component}: source {path} is not the image this delta was made from (SHA-256 {found}, the payload needs {expected}); nothing was written")]
     WrongSource {
         component: String,
@@ -86,18 +95,68 @@ pub struct ComponentPaths {
     pub component: String,
     /// The inactive slot (or an image file) to write.
     pub target: PathBuf,
+    /// The part of `target` to write (a slot inside a whole-disk image);
+    /// `None` means the whole file or device.
+    pub target_range: Option<ByteRange>,
     /// The running image a delta reads from.
     pub source: Option<PathBuf>,
+    /// The part of `source` holding the running image.
+    pub source_range: Option<ByteRange>,
 }
 
+/// A payload byte stream. `skip_forward` moves past bytes that are not
+/// needed (resuming at a checkpoint); a download overrides it to ask the
+/// server for the rest instead of fetching what it skips.
+pub trait PayloadReader: Read {
+    /// Skips up to `n` bytes; returns how many were skipped (fewer only at
+    /// the end of the stream).
+    fn skip_forward(&mut self, n: u64) -> io::Result<u64> {
+        io::copy(&mut self.take(n), &mut io::sink())
+    }
+}
+
+impl PayloadReader for File {}
+impl<R: Read> PayloadReader for io::BufReader<R> {}
+impl PayloadReader for &[u8] {}
+impl PayloadReader for io::Stdin {}
+impl<R: PayloadReader + ?Sized> PayloadReader for &mut R {
+    fn skip_forward(&mut self, n: u64) -> io::Result<u64> {
+        (**self).skip_forward(n)
+    }
+}
+impl<R: PayloadReader + ?Sized> PayloadReader for Box<R> {
+    fn skip_forward(&mut self, n: u64) -> io::Result<u64> {
+        (**self).skip_forward(n)
+    }
+}
+
+/// The caller's own check of a verified head (its manifest and the
+/// manifest's SHA-256), run after every other check (signature, manifest,
+/// source image) and before the first write.
+pub type Vet = Arc<dyn Fn(&Manifest, &Sha256Hex) -> Result<(), String> + Send + Sync>;
+
 /// Tuning of an apply.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ApplyOptions {
     pub threads: usize,
     /// Where progress is recorded; `None` disables resuming.
     pub checkpoint: Option<PathBuf>,
     /// Write a checkpoint after this many more target bytes are done.
     pub checkpoint_every: u64,
+    /// Refuses a payload the caller did not ask for (another version, a
+    /// manifest other than the index names) before any write.
+    pub vet: Option<Vet>,
+}
+
+impl std::fmt::Debug for ApplyOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApplyOptions")
+            .field("threads", &self.threads)
+            .field("checkpoint", &self.checkpoint)
+            .field("checkpoint_every", &self.checkpoint_every)
+            .field("vet", &self.vet.is_some())
+            .finish()
+    }
 }
 
 impl Default for ApplyOptions {
@@ -106,6 +165,7 @@ impl Default for ApplyOptions {
             threads: worker_count(),
             checkpoint: None,
             checkpoint_every: 64 << 20,
+            vet: None,
         }
     }
 }
@@ -181,9 +241,9 @@ pub struct ApplyReport {
 
 struct Slot {
     image: ImageRef,
-    target: File,
+    target: Region,
     target_path: PathBuf,
-    source: Option<File>,
+    source: Option<Region>,
 }
 
 struct Job {
@@ -195,7 +255,7 @@ struct Job {
 
 /// Applies a payload read from `reader` (positioned at its first byte).
 /// `control` is called as work progresses; `Break` stops at a checkpoint.
-pub fn apply<R: Read>(
+pub fn apply<R: PayloadReader>(
     mut reader: R,
     keyring: &Keyring,
     paths: &[ComponentPaths],
@@ -213,6 +273,7 @@ pub fn apply<R: Read>(
     let total_bytes: u64 = manifest.components.iter().map(|c| c.target.size).sum();
     // Open and check everything before the first write.
     let mut slots = Vec::new();
+    let mut extend = Vec::new();
     for c in &manifest.components {
         let p = paths
             .iter()
@@ -223,12 +284,23 @@ pub fn apply<R: Read>(
             .write(true)
             .open(&p.target)
             .map_err(io_err(format!("opening target {}", p.target.display())))?;
-        let have = device_size(&target, &p.target)?;
+        let file_size = device_size(&target, &p.target)?;
         let is_regular = target
             .metadata()
             .map_err(io_err(format!("inspecting {}", p.target.display())))?
             .is_file();
-        if have < c.target.size && !is_regular {
+        let have = match p.target_range {
+            Some(range) if range.end() > file_size => {
+                return Err(ApplyError::RangeOutside {
+                    path: p.target.clone(),
+                    range,
+                    size: file_size,
+                })
+            }
+            Some(range) => range.len,
+            None => file_size,
+        };
+        if have < c.target.size && (!is_regular || p.target_range.is_some()) {
             return Err(ApplyError::TargetTooSmall {
                 component: c.name.clone(),
                 path: p.target.clone(),
@@ -245,13 +317,30 @@ pub fn apply<R: Read>(
                     .ok_or_else(|| ApplyError::MissingSource(c.name.clone()))?;
                 let file = File::open(path)
                     .map_err(io_err(format!("opening source {}", path.display())))?;
-                if same_file(&file, &target)? {
+                let file_len = device_size(&file, path)?;
+                let source_range = p.source_range.unwrap_or(ByteRange {
+                    offset: 0,
+                    len: file_len,
+                });
+                if source_range.end() > file_len {
+                    return Err(ApplyError::RangeOutside {
+                        path: path.clone(),
+                        range: source_range,
+                        size: file_len,
+                    });
+                }
+                let target_range = p.target_range.unwrap_or(ByteRange {
+                    offset: 0,
+                    len: u64::MAX,
+                });
+                if same_file(&file, &target)? && source_range.overlaps(&target_range) {
                     return Err(ApplyError::SourceIsTarget {
                         component: c.name.clone(),
                         path: path.clone(),
                     });
                 }
-                let size = device_size(&file, path)?;
+                let size = source_range.len;
+                let file = Region::new(file, source_range);
                 if size < src.size {
                     return Err(ApplyError::SourceTooSmall {
                         component: c.name.clone(),
@@ -280,16 +369,31 @@ pub fn apply<R: Read>(
             }
         };
         if have < c.target.size {
-            target
-                .set_len(c.target.size)
-                .map_err(io_err(format!("extending {}", p.target.display())))?;
+            extend.push((slots.len(), c.target.size));
         }
+        let range = p.target_range.unwrap_or(ByteRange {
+            offset: 0,
+            len: have.max(c.target.size),
+        });
         slots.push(Slot {
             image: c.target.clone(),
-            target,
+            target: Region::new(target, range),
             target_path: p.target.clone(),
             source,
         });
+    }
+
+    // The caller's last word before the first write (the engine clears the
+    // slot's boot state here, so a refused payload changes nothing).
+    if let Some(vet) = &opts.vet {
+        vet(manifest, &manifest_sha256).map_err(ApplyError::Refused)?;
+    }
+    for (index, size) in extend {
+        let slot: &Slot = &slots[index];
+        slot.target
+            .file()
+            .set_len(size)
+            .map_err(io_err(format!("extending {}", slot.target_path.display())))?;
     }
 
     // Flatten the operations; note where each one's blob would start.
@@ -316,7 +420,8 @@ pub fn apply<R: Read>(
     let start_offset = ops.get(start_op).map_or(offset, |o| o.2);
     let data_start = head.header.data_offset();
     if start_offset > 0 {
-        let skipped = io::copy(&mut (&mut reader).take(start_offset), &mut io::sink())
+        let skipped = reader
+            .skip_forward(start_offset)
             .map_err(io_err("skipping to the checkpoint"))?;
         if skipped != start_offset {
             return Err(ApplyError::TruncatedData {
@@ -517,6 +622,7 @@ pub fn apply<R: Read>(
 
     for (slot, c) in slots.iter().zip(&manifest.components) {
         slot.target
+            .file()
             .sync_all()
             .map_err(io_err(format!("syncing {}", slot.target_path.display())))?;
         let _ = control(&ApplyProgress {
@@ -569,6 +675,7 @@ fn checkpoint(
     // Written blocks reach the disk before the checkpoint says they did.
     for s in slots {
         s.target
+            .file()
             .sync_data()
             .map_err(io_err(format!("syncing {}", s.target_path.display())))?;
     }
@@ -667,7 +774,7 @@ pub fn zstd_decompress(
     Ok(out)
 }
 
-fn write_extents(file: &File, extents: &[Extent], data: &[u8]) -> io::Result<()> {
+fn write_extents(file: &Region, extents: &[Extent], data: &[u8]) -> io::Result<()> {
     let mut pos = 0usize;
     for e in extents {
         let len = (e.count() * BLOCK_SIZE) as usize;
@@ -679,7 +786,7 @@ fn write_extents(file: &File, extents: &[Extent], data: &[u8]) -> io::Result<()>
 
 /// Copies the concatenated `src` blocks into the concatenated `dst` blocks
 /// through a 1 MiB buffer.
-fn copy_extents(source: &File, src: &[Extent], target: &File, dst: &[Extent]) -> io::Result<()> {
+fn copy_extents(source: &Region, src: &[Extent], target: &Region, dst: &[Extent]) -> io::Result<()> {
     const PIECE: u64 = 256; // blocks
     let mut buf = vec![0u8; (PIECE * BLOCK_SIZE) as usize];
     let mut d = dst.iter().copied();

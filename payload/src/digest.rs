@@ -1,7 +1,6 @@
 //! Image digests: SHA-256 per 16 MiB segment, hashed on every core, and a
 //! root over the segment hashes (see [`crate::format::Digest`]).
 
-use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,7 +44,7 @@ pub fn worker_count() -> usize {
 }
 
 /// Digest of the first `size` bytes of `file`. Fails if the file is shorter.
-pub fn digest_file(file: &File, size: u64) -> io::Result<Digest> {
+pub fn digest_file<F: FileExt + Sync>(file: &F, size: u64) -> io::Result<Digest> {
     let count = usize::try_from(size.div_ceil(DIGEST_SEGMENT))
         .map_err(|_| io::Error::other("image too large"))?;
     let next = AtomicUsize::new(0);
@@ -95,7 +94,7 @@ pub fn digest_file(file: &File, size: u64) -> io::Result<Digest> {
     })
 }
 
-fn hash_segment(file: &File, size: u64, index: u64, buf: &mut [u8]) -> io::Result<Sha256Hex> {
+fn hash_segment<F: FileExt>(file: &F, size: u64, index: u64, buf: &mut [u8]) -> io::Result<Sha256Hex> {
     let start = index * DIGEST_SEGMENT;
     let end = (start + DIGEST_SEGMENT).min(size);
     let mut h = Sha256::new();

@@ -54,7 +54,12 @@ pub struct Release {
 pub struct PayloadRef {
     pub url: String,
     pub size: u64,
+    /// SHA-256 of the whole payload file.
     pub sha256: Sha256Hex,
+    /// SHA-256 of the payload's signed manifest. The manifest pins every
+    /// blob and the target image, so a client that streams the payload
+    /// checks this before writing anything.
+    pub manifest_sha256: Sha256Hex,
 }
 
 /// A delta payload and the version it applies to.
@@ -64,7 +69,12 @@ pub struct DeltaRef {
     pub source_version: String,
     pub url: String,
     pub size: u64,
+    /// SHA-256 of the whole payload file.
     pub sha256: Sha256Hex,
+    /// SHA-256 of the payload's signed manifest. The manifest pins every
+    /// blob and the target image, so a client that streams the payload
+    /// checks this before writing anything.
+    pub manifest_sha256: Sha256Hex,
 }
 
 /// A phased rollout: from `start`, over `duration_seconds`, a growing
@@ -365,6 +375,7 @@ mod tests {
             url: name.into(),
             size: 1,
             sha256: Sha256Hex([1; 32]),
+            manifest_sha256: Sha256Hex([4; 32]),
         }
     }
 
@@ -409,12 +420,14 @@ mod tests {
                 url: "1-3.tpl".into(),
                 size: 1,
                 sha256: Sha256Hex([2; 32]),
+                manifest_sha256: Sha256Hex([5; 32]),
             },
             DeltaRef {
                 source_version: "2.0".into(),
                 url: "2-3.tpl".into(),
                 size: 1,
                 sha256: Sha256Hex([3; 32]),
+                manifest_sha256: Sha256Hex([6; 32]),
             },
         ];
         let ix = index(vec![release("2.0"), r]);

@@ -9,6 +9,7 @@
 //! - [`apply`]: streamed apply with checkpoints and read-back verification.
 //! - [`digest`]: segmented SHA-256 of images, on every core.
 //! - [`index`]: the signed release index and the choice of release.
+//! - [`region`]: a slot's byte range inside a disk, for bounded I/O.
 //! - [`files`]: file length and atomic replacement.
 //! - [`summary`]: operation counts and bytes, for `inspect` and benchmarks.
 
@@ -20,11 +21,15 @@ pub mod format;
 pub mod index;
 pub mod make;
 pub mod plan;
+pub mod region;
 pub mod sign;
 pub mod summary;
 pub mod validate;
 
-pub use apply::{apply, ApplyError, ApplyOptions, ApplyOutcome, Checkpoint, ComponentPaths};
+pub use apply::{
+    apply, ApplyError, ApplyOptions, ApplyOutcome, Checkpoint, ComponentPaths, PayloadReader,
+};
+pub use region::{ByteRange, Region};
 pub use container::{PayloadError, PayloadHead};
 pub use format::Manifest;
 pub use make::{make_payload, ImageInput, MakeError, MakeOptions};

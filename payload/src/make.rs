@@ -439,7 +439,7 @@ fn classify_target(
 }
 
 /// Reads the blocks of `extents` from `file`, concatenated.
-pub fn read_extents(file: &File, extents: &[Extent]) -> io::Result<Vec<u8>> {
+pub fn read_extents<F: FileExt>(file: &F, extents: &[Extent]) -> io::Result<Vec<u8>> {
     let mut out = vec![0u8; (total_blocks(extents) * BLOCK_SIZE) as usize];
     let mut pos = 0usize;
     for e in extents {

@@ -103,7 +103,9 @@ impl Fixture {
             &[ComponentPaths {
                 component: "usr".into(),
                 target: slot.to_owned(),
+                target_range: None,
                 source: source.map(Path::to_owned),
+                source_range: None,
             }],
             opts,
             &mut |_| ControlFlow::Continue(()),
@@ -180,7 +182,9 @@ fn interrupted_apply_resumes_from_its_checkpoint() {
     let paths = [ComponentPaths {
         component: "usr".into(),
         target: slot.clone(),
+        target_range: None,
         source: Some(f.source.clone()),
+        source_range: None,
     }];
     let half = f.target.len() as u64 / 2;
     let outcome = payload::apply(
@@ -352,7 +356,9 @@ fn untrusted_or_missing_signatures_are_refused() {
         &[ComponentPaths {
             component: "usr".into(),
             target: slot.clone(),
+            target_range: None,
             source: Some(f.source.clone()),
+            source_range: None,
         }],
         &ApplyOptions::default(),
         &mut |_| ControlFlow::Continue(()),
@@ -606,7 +612,9 @@ fn a_stale_checkpoint_as_a_crash_leaves_it_still_resumes_correctly() {
     let paths = [ComponentPaths {
         component: "usr".into(),
         target: slot.clone(),
+        target_range: None,
         source: Some(f.source.clone()),
+        source_range: None,
     }];
     let total = f.target.len() as u64;
     let mut early: Option<Vec<u8>> = None;

@@ -599,7 +599,9 @@ fn apply(args: &ApplyArgs) -> Result<()> {
         paths.push(ComponentPaths {
             component,
             target,
+            target_range: None,
             source: None,
+            source_range: None,
         });
     }
     for spec in &args.source {
@@ -751,6 +753,7 @@ fn describe_payload(
             url: format!("{prefix}{name}"),
             size,
             sha256: hasher.finish(),
+            manifest_sha256: payload::digest::sha256(&head.manifest_bytes),
         },
         head.manifest,
     ))
@@ -797,6 +800,7 @@ fn index_command(command: IndexCommand) -> Result<()> {
                     url: r.url,
                     size: r.size,
                     sha256: r.sha256,
+                    manifest_sha256: r.manifest_sha256,
                 });
             }
             let now = std::time::SystemTime::now();

@@ -35,6 +35,9 @@ pub struct Config {
     pub keys: Keys,
     pub schedule: Schedule,
     pub reboot: Reboot,
+    pub system: System,
+    pub download: Download,
+    pub apply: Apply,
     /// Where the engine keeps its state (`/var/lib/tandem`).
     pub state_dir: PathBuf,
 }
@@ -47,6 +50,9 @@ impl Default for Config {
             keys: Keys::default(),
             schedule: Schedule::default(),
             reboot: Reboot::default(),
+            system: System::default(),
+            download: Download::default(),
+            apply: Apply::default(),
             state_dir: PathBuf::from("/var/lib/tandem"),
         }
     }
@@ -61,6 +67,77 @@ pub struct Server {
     pub mirrors: Vec<String>,
     /// Proxy URL; unset means the usual environment variables.
     pub proxy: Option<String>,
+    /// The channel the index must say it is for (`stable`, `beta`, ...);
+    /// unset accepts the index's own.
+    pub channel: Option<String>,
+}
+
+/// Where the engine learns about the running system.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct System {
+    /// The kernel command line, naming the booted slot.
+    pub cmdline: PathBuf,
+    /// The booted image's os-release (`VERSION_ID`, else `VERSION`).
+    pub os_release: PathBuf,
+    /// The machine id, for the phased rollout bucket.
+    pub machine_id: PathBuf,
+}
+
+impl Default for System {
+    fn default() -> Self {
+        System {
+            cmdline: PathBuf::from("/proc/cmdline"),
+            os_release: PathBuf::from("/usr/lib/os-release"),
+            machine_id: PathBuf::from("/etc/machine-id"),
+        }
+    }
+}
+
+/// Timeouts and retries of downloads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Download {
+    pub connect_timeout_seconds: u64,
+    /// Longest wait for a response or the next bytes of a body.
+    pub read_timeout_seconds: u64,
+    /// Rounds over the URL and its mirrors, in a row without progress,
+    /// before a download fails.
+    pub attempts: u32,
+    /// The first wait between rounds; it doubles up to `backoff_max_seconds`.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_seconds: u64,
+}
+
+impl Default for Download {
+    fn default() -> Self {
+        Download {
+            connect_timeout_seconds: 15,
+            read_timeout_seconds: 60,
+            attempts: 6,
+            backoff_initial_ms: 1000,
+            backoff_max_seconds: 60,
+        }
+    }
+}
+
+/// How payloads are applied.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Apply {
+    /// Decompression threads; 0 means one per core.
+    pub threads: usize,
+    /// A checkpoint after this many more MiB of the slot are written.
+    pub checkpoint_mib: u64,
+}
+
+impl Default for Apply {
+    fn default() -> Self {
+        Apply {
+            threads: 0,
+            checkpoint_mib: 64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -102,16 +102,29 @@ pub fn booted_disk(cmdline_path: &Path) -> Result<PathBuf> {
     Ok(Path::new("/dev").join(disk_name))
 }
 
-struct Opened {
-    disk_path: PathBuf,
-    backend: Box<dyn BootBackend>,
-    slots: [Slot; 2],
-    primary: CopyHealth,
-    backup: CopyHealth,
-    booted: Option<SlotName>,
+/// A disk's slots, opened, with the backend that keeps their boot state.
+pub struct Opened {
+    pub disk_path: PathBuf,
+    pub backend: Box<dyn BootBackend + Send>,
+    pub slots: [Slot; 2],
+    pub primary: CopyHealth,
+    pub backup: CopyHealth,
+    pub booted: Option<SlotName>,
 }
 
-fn open(target: &Target, for_update: bool) -> Result<Opened> {
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("disk_path", &self.disk_path)
+            .field("backend", &self.backend.name())
+            .field("slots", &self.slots)
+            .field("booted", &self.booted)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the disk and finds its slots; `for_update` opens it writable.
+pub fn open(target: &Target, for_update: bool) -> Result<Opened> {
     let disk_path = match &target.disk {
         Some(path) => path.clone(),
         None => booted_disk(&target.cmdline)?,
@@ -138,7 +151,7 @@ fn open(target: &Target, for_update: bool) -> Result<Opened> {
     };
     let primary = disk.primary_health().clone();
     let backup = disk.backup_health().clone();
-    let backend: Box<dyn BootBackend> = match &target.esp {
+    let backend: Box<dyn BootBackend + Send> = match &target.esp {
         None => Box::new(GptPrioBackend::new(disk, found.clone())),
         Some(esp) => Box::new(BlsBackend::open(EntriesDir::new(esp), found.clone())?),
     };
@@ -152,7 +165,8 @@ fn open(target: &Target, for_update: bool) -> Result<Opened> {
     })
 }
 
-fn report_of(target: &Target, opened: &Opened) -> SlotsReport {
+/// The report of an opened disk.
+pub fn report_of(target: &Target, opened: &Opened) -> SlotsReport {
     SlotsReport {
         format_version: SLOTS_JSON_VERSION,
         disk: opened.disk_path.clone(),
