@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub mod dbus;
+pub mod http;
+
 /// The Flatcar `/usr` partition type.
 pub const USR_TYPE: &str = "5DFBF5F4-2848-4BAC-AA5E-0D9A20B745A6";
 /// Sectors of one GPT copy's entry array (128 entries of 128 bytes).

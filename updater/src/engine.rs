@@ -193,6 +193,13 @@ pub struct Status {
     pub last_result: Option<OperationResult>,
 }
 
+/// The right to run one operation; from [`Engine::begin`].
+#[derive(Debug)]
+pub struct Ticket {
+    pub id: u64,
+    kind: String,
+}
+
 /// What changes while the engine runs and is not persisted.
 #[derive(Debug, Default)]
 struct Live {
@@ -216,7 +223,9 @@ pub struct Engine {
     live: Mutex<Live>,
     observer: Observer,
     cancel: Arc<AtomicBool>,
-    busy: Mutex<()>,
+    /// Set while the daemon shuts down: work stops, but the job is kept.
+    stopping: AtomicBool,
+    busy: AtomicBool,
     next_id: AtomicU64,
     _lock: std::fs::File,
 }
@@ -374,7 +383,8 @@ impl Engine {
             live: Mutex::new(Live::default()),
             observer,
             cancel: Arc::new(AtomicBool::new(false)),
-            busy: Mutex::new(()),
+            stopping: AtomicBool::new(false),
+            busy: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             _lock: lock_file,
         };
@@ -563,23 +573,23 @@ impl Engine {
         Ok(keyring)
     }
 
-    /// Runs `f` as the one operation under way, recording its result.
-    fn operate<T>(
-        &self,
-        kind: &str,
-        summary: impl Fn(&T) -> String,
-        f: impl FnOnce() -> Result<T, EngineError>,
-    ) -> Result<T, EngineError> {
-        let _busy = match self.busy.try_lock() {
-            Ok(guard) => guard,
-            Err(_) => {
-                let what = lock(&self.live)
-                    .operation
-                    .as_ref()
-                    .map_or_else(|| "another operation".to_owned(), |o| o.kind.clone());
-                return Err(EngineError::Busy(what));
-            }
-        };
+    /// Starts an operation (`check` or `update`): only one runs at a time.
+    /// The ticket's id comes back in the status's `last_result`.
+    pub fn begin(&self, kind: &str) -> Result<Ticket, EngineError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(EngineError::Busy("shutting down".into()));
+        }
+        if self
+            .busy
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            let what = lock(&self.live)
+                .operation
+                .as_ref()
+                .map_or_else(|| "another operation".to_owned(), |o| o.kind.clone());
+            return Err(EngineError::Busy(what));
+        }
         self.cancel.store(false, Ordering::SeqCst);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&self.live).operation = Some(Operation {
@@ -588,6 +598,33 @@ impl Engine {
             started: now_text(),
         });
         self.notify();
+        Ok(Ticket {
+            id,
+            kind: kind.to_owned(),
+        })
+    }
+
+    /// Stops work for a shutdown: the update under way stops at its next
+    /// checkpoint and stays recorded, so the next start resumes it.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether an operation is under way.
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::SeqCst)
+    }
+
+    /// Runs `f` as the ticket's operation, recording its result.
+    fn operate<T>(
+        &self,
+        ticket: Ticket,
+        summary: impl Fn(&T) -> String,
+        f: impl FnOnce() -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let Ticket { id, kind } = ticket;
+        let kind = kind.as_str();
         let result = f();
         {
             let mut live = lock(&self.live);
@@ -604,13 +641,9 @@ impl Engine {
                 time: now_text(),
             });
         }
+        self.busy.store(false, Ordering::SeqCst);
         self.refresh_slots();
         result
-    }
-
-    /// The id the next operation gets (so a client can wait for its result).
-    pub fn peek_next_id(&self) -> u64 {
-        self.next_id.load(Ordering::Relaxed)
     }
 
     /// Records a failure: the error, the history, the state machine.
@@ -624,7 +657,13 @@ impl Engine {
         };
         self.record(kind, version, message.clone());
         let cancelled = matches!(error, EngineError::Cancelled);
+        let stopping = self.stopping.load(Ordering::SeqCst);
         let result = self.update(|p| {
+            if stopping && p.job.is_some() {
+                // Keep the job: the next start resumes it.
+                p.state = UpdateState::Downloading;
+                return;
+            }
             let staged = p.staged.is_some();
             if p.state.is_busy() {
                 p.state = if cancelled {
@@ -722,8 +761,13 @@ impl Engine {
 
     /// Checks for an update without installing it.
     pub fn check(&self) -> Result<CheckReport, EngineError> {
+        let ticket = self.begin("check")?;
+        self.check_with(ticket)
+    }
+
+    pub fn check_with(&self, ticket: Ticket) -> Result<CheckReport, EngineError> {
         self.operate(
-            "check",
+            ticket,
             |r: &CheckReport| match &r.available {
                 Some(v) => format!("update available: {v}"),
                 None => format!("up to date at {}", r.booted_version),
@@ -822,7 +866,16 @@ impl Engine {
 
     /// Installs an update into the inactive slot and sets it next.
     pub fn update_now(&self, request: &UpdateRequest) -> Result<UpdateOutcome, EngineError> {
-        self.operate("update", summarize_outcome, || {
+        let ticket = self.begin("update")?;
+        self.update_with(ticket, request)
+    }
+
+    pub fn update_with(
+        &self,
+        ticket: Ticket,
+        request: &UpdateRequest,
+    ) -> Result<UpdateOutcome, EngineError> {
+        self.operate(ticket, summarize_outcome, || {
             let result = self.update_inner(request);
             if let Err(e) = &result {
                 let version = lock(&self.persisted)
@@ -838,7 +891,11 @@ impl Engine {
     /// Resumes the update a restart interrupted, if there is one.
     pub fn resume(&self) -> Option<Result<UpdateOutcome, EngineError>> {
         let job = lock(&self.persisted).job.clone()?;
-        Some(self.operate("update", summarize_outcome, || {
+        let ticket = match self.begin("update") {
+            Ok(t) => t,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(self.operate(ticket, summarize_outcome, || {
             self.record(
                 "resumed",
                 job.version.as_deref(),

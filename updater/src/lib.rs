@@ -1,15 +1,26 @@
 //! The tandem engine (library), `tandemd` and `updatectl`.
 //!
+//! - [`client`]: `updatectl`'s daemon commands (D-Bus or `--offline`).
 //! - [`config`]: TOML configuration with drop-ins.
 //! - [`machine`]: the update state machine (pure).
 //! - [`state`]: the persisted state, history and lock in `/var/lib/tandem`.
 //! - [`fetch`]: downloads that resume with `Range`, retries and mirrors.
 //! - [`engine`]: the update steps, driven by `tandemd` and `--offline`.
+//! - [`notify`]: readiness and status for systemd.
 //! - [`slotctl`]: the daemon-free slot view behind `updatectl slots`.
 
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod fetch;
 pub mod machine;
+pub mod notify;
 pub mod slotctl;
 pub mod state;
+
+/// The D-Bus names of the daemon.
+pub mod bus {
+    /// Bus name and interface.
+    pub const NAME: &str = "org.tandem.Update1";
+    pub const PATH: &str = "/org/tandem/Update1";
+}

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use bootconfig::{Guid, SlotLayout, SlotName};
 use clap::{Args, Parser, Subcommand};
+use updater::client::{self, Request};
 use updater::slotctl::{self, Action, Target};
 
 #[derive(Debug, Parser)]
@@ -17,10 +18,50 @@ use updater::slotctl::{self, Action, Target};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Run the engine in this process instead of asking tandemd (rescue,
+    /// image building); takes the same lock, so not while tandemd runs.
+    #[arg(long, global = true)]
+    offline: bool,
+    /// With --offline: read the configuration under this root.
+    #[arg(long, global = true, default_value = "/", value_name = "DIR")]
+    root: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Show the booted and other slot, the staged update, the state,
+    /// progress, last check and last error.
+    Status {
+        /// Print the versioned JSON status document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the release index for an update (does not install it).
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install an update into the other slot and set it to boot next.
+    Apply {
+        /// The version to install (default: the newest this node may take).
+        version: Option<String>,
+        /// Install this payload (URL or file) instead of asking the index.
+        #[arg(long, value_name = "URL|FILE", conflicts_with = "version")]
+        payload: Option<String>,
+        /// Allow installing a version older than the booted one.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the check or update under way.
+    Cancel,
+    /// Show what the engine did, oldest first.
+    History {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the A/B slots of a disk and change which one boots next
     /// (daemon-free, like cgpt or bootctl).
     Slots(SlotsArgs),
@@ -145,6 +186,25 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Slots(args) => slots(args),
+        Command::Status { json } => client::run(Request::Status { json }, cli.offline, &cli.root),
+        Command::Check { json } => client::run(Request::Check { json }, cli.offline, &cli.root),
+        Command::Apply {
+            version,
+            payload,
+            allow_downgrade,
+            json,
+        } => client::run(
+            Request::Apply {
+                version,
+                payload,
+                allow_downgrade,
+                json,
+            },
+            cli.offline,
+            &cli.root,
+        ),
+        Command::Cancel => client::run(Request::Cancel, cli.offline, &cli.root),
+        Command::History { json } => client::run(Request::History { json }, cli.offline, &cli.root),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,389 @@
+//! `tandemd`: the update engine behind `org.tandem.Update1` on the system
+//! bus. Methods that change anything are for root only (the bus policy in
+//! `systemd-units/` says so, and the daemon checks the caller's uid too);
+//! anyone may read the status and history.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tokio::sync::watch;
+use updater::config::{self, AutoMode};
+use updater::engine::{Engine, EngineError, Status, UpdateRequest, Wanted};
+use updater::notify::notify;
+use zbus::fdo;
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+
+#[derive(Debug, Parser)]
+#[command(name = "tandemd", version, about = "The tandem update daemon")]
+struct Args {
+    /// Read the configuration under this root (`/` on a node).
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    /// Connect to the session bus instead of the system bus.
+    #[arg(long)]
+    session: bool,
+}
+
+struct Update1 {
+    engine: Arc<Engine>,
+    status: watch::Receiver<Status>,
+}
+
+fn failed(e: EngineError) -> fdo::Error {
+    match e {
+        EngineError::Busy(_) => fdo::Error::LimitsExceeded(e.to_string()),
+        e => fdo::Error::Failed(e.to_string()),
+    }
+}
+
+/// Only root may change anything, whatever the bus policy lets through.
+async fn require_root(conn: &zbus::Connection, header: &Header<'_>) -> fdo::Result<()> {
+    let sender = header
+        .sender()
+        .ok_or_else(|| fdo::Error::AccessDenied("message without a sender".into()))?;
+    let proxy = fdo::DBusProxy::new(conn).await?;
+    let uid = proxy
+        .get_connection_unix_user(zbus::names::BusName::Unique(sender.to_owned()))
+        .await?;
+    if uid != 0 {
+        return Err(fdo::Error::AccessDenied(format!(
+            "uid {uid} may read the status; changing it needs root"
+        )));
+    }
+    Ok(())
+}
+
+#[zbus::interface(name = "org.tandem.Update1")]
+impl Update1 {
+    /// Checks the index; returns the check report (JSON).
+    async fn check(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> fdo::Result<String> {
+        require_root(conn, &header).await?;
+        let engine = self.engine.clone();
+        let report = tokio::task::spawn_blocking(move || engine.check())
+            .await
+            .map_err(|e| fdo::Error::Failed(e.to_string()))?
+            .map_err(failed)?;
+        serde_json::to_string(&report).map_err(|e| fdo::Error::Failed(e.to_string()))
+    }
+
+    /// Starts an update: `version` empty for the newest, or a version;
+    /// `payload` a URL or absolute path to install without an index.
+    /// Returns the operation id that `last_result` will carry.
+    async fn apply(
+        &self,
+        version: String,
+        payload: String,
+        allow_downgrade: bool,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> fdo::Result<u64> {
+        require_root(conn, &header).await?;
+        let wanted = match (version.is_empty(), payload.is_empty()) {
+            (true, true) => Wanted::Latest,
+            (false, true) => Wanted::Version(version),
+            (true, false) => Wanted::Payload(payload),
+            (false, false) => {
+                return Err(fdo::Error::InvalidArgs(
+                    "give a version or a payload, not both".into(),
+                ))
+            }
+        };
+        let ticket = self.engine.begin("update").map_err(failed)?;
+        let id = ticket.id;
+        let engine = self.engine.clone();
+        let request = UpdateRequest {
+            wanted,
+            allow_downgrade,
+        };
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = engine.update_with(ticket, &request) {
+                tracing::error!("update failed: {e}");
+            }
+        });
+        Ok(id)
+    }
+
+    /// Stops the operation under way; returns whether there was one.
+    async fn cancel(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> fdo::Result<bool> {
+        require_root(conn, &header).await?;
+        Ok(self.engine.cancel())
+    }
+
+    /// The status document (JSON, `format_version` 1).
+    async fn get_status(&self) -> fdo::Result<String> {
+        serde_json::to_string(&*self.status.borrow()).map_err(|e| fdo::Error::Failed(e.to_string()))
+    }
+
+    /// The history, oldest first (JSON).
+    async fn get_history(&self) -> fdo::Result<String> {
+        let events = self.engine.history().map_err(failed)?;
+        serde_json::to_string(&events).map_err(|e| fdo::Error::Failed(e.to_string()))
+    }
+
+    #[zbus(property)]
+    async fn state(&self) -> String {
+        self.status.borrow().state.as_str().to_owned()
+    }
+
+    /// Fraction of the slot written, 0 to 1; 0 when nothing is under way.
+    #[zbus(property)]
+    async fn progress(&self) -> f64 {
+        self.status.borrow().progress.as_ref().map_or(0.0, |p| p.fraction)
+    }
+
+    #[zbus(property)]
+    async fn booted_version(&self) -> String {
+        self.status.borrow().booted_version.clone().unwrap_or_default()
+    }
+
+    #[zbus(property)]
+    async fn staged_version(&self) -> String {
+        self.status
+            .borrow()
+            .staged
+            .as_ref()
+            .map(|s| s.version.clone())
+            .unwrap_or_default()
+    }
+
+    /// When the index was last checked (RFC 3339), empty if never.
+    #[zbus(property)]
+    async fn last_check(&self) -> String {
+        self.status
+            .borrow()
+            .last_check
+            .as_ref()
+            .map(|c| c.time.clone())
+            .unwrap_or_default()
+    }
+
+    #[zbus(property)]
+    async fn last_error(&self) -> String {
+        self.status
+            .borrow()
+            .last_error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Emits PropertiesChanged for what changed, at most every 250 ms.
+async fn forward_changes(
+    conn: zbus::Connection,
+    mut rx: watch::Receiver<Status>,
+) -> zbus::Result<()> {
+    let iface = conn
+        .object_server()
+        .interface::<_, Update1>(updater::bus::PATH)
+        .await?;
+    let mut last = rx.borrow().clone();
+    while rx.changed().await.is_ok() {
+        let now = rx.borrow_and_update().clone();
+        let emitter: &SignalEmitter<'_> = iface.signal_emitter();
+        let this = iface.get().await;
+        if now.state != last.state {
+            this.state_changed(emitter).await?;
+            notify(&format!("STATUS={}", now.state.as_str()));
+        }
+        if now.progress != last.progress {
+            this.progress_changed(emitter).await?;
+        }
+        if now.booted_version != last.booted_version {
+            this.booted_version_changed(emitter).await?;
+        }
+        if now.staged != last.staged {
+            this.staged_version_changed(emitter).await?;
+        }
+        if now.last_check != last.last_check {
+            this.last_check_changed(emitter).await?;
+        }
+        if now.last_error != last.last_error {
+            this.last_error_changed(emitter).await?;
+        }
+        drop(this);
+        last = now;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
+/// Periodic checks (or updates), with jitter, as the schedule says.
+async fn schedule(engine: Arc<Engine>) {
+    let s = engine.config().schedule.clone();
+    if s.mode == AutoMode::Off {
+        tracing::info!("automatic checks are off");
+        return;
+    }
+    loop {
+        let jitter = jitter_seconds(s.jitter_seconds);
+        tokio::time::sleep(Duration::from_secs(s.interval_seconds.max(60) + jitter)).await;
+        if engine.is_busy() {
+            continue;
+        }
+        let engine = engine.clone();
+        let mode = s.mode;
+        let result = tokio::task::spawn_blocking(move || match mode {
+            AutoMode::Check => engine.check().map(|_| ()),
+            _ => engine
+                .update_now(&UpdateRequest {
+                    wanted: Wanted::Latest,
+                    allow_downgrade: false,
+                })
+                .map(|_| ()),
+        })
+        .await;
+        match result {
+            Ok(Err(e)) => tracing::warn!("scheduled {:?}: {e}", s.mode),
+            Err(e) => tracing::error!("scheduled task: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+/// Up to `max` seconds, different on each call and each node.
+fn jitter_seconds(max: u64) -> u64 {
+    if max == 0 {
+        return 0;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mixed = u64::from(nanos).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(std::process::id());
+    mixed % (max + 1)
+}
+
+async fn run(args: Args) -> Result<()> {
+    let config = config::load(&args.root)
+        .with_context(|| format!("reading the configuration under {}", args.root.display()))?;
+    let state_dir = config.state_dir.clone();
+    let (tx, rx) = watch::channel::<Option<Status>>(None);
+    let engine = Engine::open(
+        config,
+        Box::new(move |s: &Status| {
+            tx.send_replace(Some(s.clone()));
+        }),
+    )
+    .with_context(|| format!("opening the engine state in {}", state_dir.display()))?;
+    let engine = Arc::new(engine);
+    let status_rx = {
+        // A plain Status channel for the interface, fed from the engine's.
+        let first = engine.status();
+        let (stx, srx) = watch::channel(first);
+        let mut rx = rx;
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let next = rx.borrow_and_update().clone();
+                if let Some(s) = next {
+                    stx.send_replace(s);
+                }
+            }
+        });
+        srx
+    };
+    let builder = if args.session {
+        zbus::connection::Builder::session()
+    } else {
+        zbus::connection::Builder::system()
+    }
+    .context("connecting to the bus")?;
+    let conn = builder
+        .name(updater::bus::NAME)
+        .context("asking for the bus name")?
+        .serve_at(
+            updater::bus::PATH,
+            Update1 {
+                engine: engine.clone(),
+                status: status_rx.clone(),
+            },
+        )
+        .context("serving the object")?
+        .build()
+        .await
+        .with_context(|| format!("taking {} on the bus", updater::bus::NAME))?;
+    tracing::info!(
+        "serving {} at {}; state {}",
+        updater::bus::NAME,
+        updater::bus::PATH,
+        engine.status().state.as_str()
+    );
+    notify(&format!(
+        "READY=1\nSTATUS={}",
+        engine.status().state.as_str()
+    ));
+    tokio::spawn({
+        let conn = conn.clone();
+        async move {
+            if let Err(e) = forward_changes(conn, status_rx).await {
+                tracing::error!("property signals stopped: {e}");
+            }
+        }
+    });
+    if engine.has_pending_job() {
+        let engine = engine.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(Err(e)) = engine.resume() {
+                tracing::error!("resuming the update failed: {e}");
+            }
+        });
+    }
+    tokio::spawn(schedule(engine.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("stopping");
+    notify("STOPPING=1");
+    engine.stop();
+    // Let the update under way reach its checkpoint.
+    for _ in 0..100 {
+        if !engine.is_busy() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tandemd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandemd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! `updatectl`'s daemon commands: over D-Bus to `tandemd`, or with
+//! `--offline` through an engine in this process. Output is for people on
+//! stdout (a progress bar on a terminal, plain lines otherwise, on stderr),
+//! or a JSON document with `--json`.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::engine::{
+    CheckReport, Engine, Progress, Status, UpdateOutcome, UpdateRequest, Wanted,
+};
+use crate::state::HistoryEvent;
+
+/// A daemon command.
+#[derive(Debug, Clone)]
+pub enum Request {
+    Status {
+        json: bool,
+    },
+    Check {
+        json: bool,
+    },
+    Apply {
+        version: Option<String>,
+        payload: Option<String>,
+        allow_downgrade: bool,
+        json: bool,
+    },
+    Cancel,
+    History {
+        json: bool,
+    },
+}
+
+/// Runs a command against tandemd, or in-process with `offline`.
+pub fn run(request: Request, offline: bool, root: &Path) -> Result<()> {
+    if offline {
+        return offline_run(request, root);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(daemon_run(request))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).context("cannot encode JSON")?;
+    text.push('\n');
+    write_out(&text)
+}
+
+fn write_out(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+/// The human status. Pure.
+pub fn render_status(s: &Status) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<13}{v}\n"));
+    line("State:", s.state.as_str().to_owned());
+    let version = s.booted_version.as_deref().unwrap_or("unknown");
+    line(
+        "Booted:",
+        match &s.booted {
+            Some(b) => format!(
+                "slot {} ({}), version {version}, {}",
+                b.slot,
+                b.partition,
+                status_word(b.status)
+            ),
+            None => format!("version {version}, slot unknown"),
+        },
+    );
+    if let Some(o) = &s.other {
+        line(
+            "Other:",
+            format!("slot {} ({}), {}", o.slot, o.partition, status_word(o.status)),
+        );
+    }
+    if let Some(next) = s.next_boot {
+        line("Next boot:", format!("slot {next}"));
+    }
+    line(
+        "Staged:",
+        match &s.staged {
+            Some(st) => format!("{} in slot {} (since {})", st.version, st.slot, st.time),
+            None => "none".into(),
+        },
+    );
+    if let Some(v) = &s.installing {
+        line("Installing:", v.clone());
+    }
+    if let Some(p) = &s.progress {
+        line("Progress:", progress_text(p));
+    }
+    line(
+        "Last check:",
+        match &s.last_check {
+            Some(c) => match &c.version {
+                Some(v) => format!("{} ({}: {v})", c.time, c.outcome),
+                None => format!("{} ({})", c.time, c.outcome),
+            },
+            None => "never".into(),
+        },
+    );
+    line(
+        "Last error:",
+        match &s.last_error {
+            Some(e) => format!("{} {}", e.time, e.message),
+            None => "none".into(),
+        },
+    );
+    if let Some(e) = &s.slots_error {
+        line("Slots:", format!("cannot read: {e}"));
+    }
+    out
+}
+
+fn status_word(s: bootconfig::gptprio::SlotStatus) -> &'static str {
+    match s {
+        bootconfig::gptprio::SlotStatus::Good => "good",
+        bootconfig::gptprio::SlotStatus::Trying => "on trial",
+        bootconfig::gptprio::SlotStatus::Unbootable => "not bootable",
+    }
+}
+
+fn progress_text(p: &Progress) -> String {
+    format!(
+        "{} {:.0}% ({} of {}, {} downloaded)",
+        p.phase,
+        p.fraction * 100.0,
+        mib(p.done_bytes),
+        mib(p.total_bytes),
+        mib(p.downloaded_bytes)
+    )
+}
+
+/// The human history. Pure.
+pub fn render_history(events: &[HistoryEvent]) -> String {
+    if events.is_empty() {
+        return "No events yet.\n".into();
+    }
+    events
+        .iter()
+        .map(|e| {
+            format!(
+                "{}  {:<16} {:<12} {}\n",
+                e.time,
+                e.kind,
+                e.version.as_deref().unwrap_or("-"),
+                e.message
+            )
+        })
+        .collect()
+}
+
+fn render_check(r: &CheckReport) -> String {
+    match &r.available {
+        Some(v) => format!(
+            "Update available: {v} (booted {}; channel {}, index serial {}; payloads: {})\n",
+            r.booted_version,
+            r.channel,
+            r.serial,
+            r.payloads
+                .iter()
+                .map(|k| serde_json::to_value(k)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => format!(
+            "Up to date at {} (channel {}, index serial {}).\n",
+            r.booted_version, r.channel, r.serial
+        ),
+    }
+}
+
+/// Progress on stderr: a redrawn bar on a terminal, otherwise a line per
+/// phase and per tenth done.
+#[derive(Debug)]
+struct ProgressView {
+    tty: bool,
+    last: Mutex<(String, i64)>,
+}
+
+impl ProgressView {
+    fn new(quiet: bool) -> Option<ProgressView> {
+        (!quiet).then(|| ProgressView {
+            tty: std::io::stderr().is_terminal(),
+            last: Mutex::new((String::new(), -1)),
+        })
+    }
+
+    fn show(&self, p: &Progress) {
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tenth = (p.fraction * 10.0).floor() as i64;
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let width = 30usize;
+            let filled = ((p.fraction * width as f64) as usize).min(width);
+            let _ = write!(
+                err,
+                "\r\x1b[2K[{}{}] {}",
+                "#".repeat(filled),
+                "-".repeat(width - filled),
+                progress_text(p)
+            );
+            let _ = err.flush();
+        } else if last.0 != p.phase || last.1 != tenth {
+            let _ = writeln!(err, "{}", progress_text(p));
+        }
+        *last = (p.phase.clone(), tenth);
+    }
+
+    fn done(&self) {
+        if self.tty {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
+
+fn report_outcome(outcome: &UpdateOutcome, json: bool) -> Result<()> {
+    if json {
+        return print_json(outcome);
+    }
+    match outcome {
+        UpdateOutcome::UpToDate { version } => write_out(&format!("Up to date at {version}.\n")),
+        UpdateOutcome::Staged {
+            version,
+            slot,
+            payload,
+            downloaded_bytes,
+            resumed_requests,
+        } => write_out(&format!(
+            "{version} is staged in slot {slot} and boots next ({} payload, {} downloaded{}). Reboot to use it.\n",
+            serde_json::to_value(payload)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            mib(*downloaded_bytes),
+            if *resumed_requests > 0 {
+                format!(", {resumed_requests} resumed requests")
+            } else {
+                String::new()
+            }
+        )),
+    }
+}
+
+fn wanted(version: Option<String>, payload: Option<String>) -> Result<Wanted> {
+    Ok(match (version, payload) {
+        (None, None) => Wanted::Latest,
+        (Some(v), None) => Wanted::Version(v),
+        (None, Some(p)) => Wanted::Payload(absolute_payload(&p)?),
+        (Some(_), Some(_)) => bail!("give a version or --payload, not both"),
+    })
+}
+
+/// A payload given as a relative path is made absolute here: the daemon
+/// does not share our working folder.
+fn absolute_payload(p: &str) -> Result<String> {
+    if p.contains("://") || p.starts_with('/') {
+        return Ok(p.to_owned());
+    }
+    let path = std::fs::canonicalize(p).with_context(|| format!("payload {p}"))?;
+    Ok(path.display().to_string())
+}
+
+fn offline_run(request: Request, root: &Path) -> Result<()> {
+    let config = crate::config::load(root)
+        .with_context(|| format!("reading the configuration under {}", root.display()))?;
+    let quiet = matches!(request, Request::Apply { json: true, .. });
+    let view = ProgressView::new(quiet).map(Arc::new);
+    let observer_view = view.clone();
+    let engine = Engine::open(
+        config,
+        Box::new(move |s: &Status| {
+            if let (Some(v), Some(p)) = (&observer_view, &s.progress) {
+                v.show(p);
+            }
+        }),
+    )
+    .context("opening the engine")?;
+    match request {
+        Request::Status { json } => {
+            let s = engine.status();
+            if json {
+                print_json(&s)
+            } else {
+                write_out(&render_status(&s))
+            }
+        }
+        Request::Check { json } => {
+            let r = engine.check()?;
+            if json {
+                print_json(&r)
+            } else {
+                write_out(&render_check(&r))
+            }
+        }
+        Request::Apply {
+            version,
+            payload,
+            allow_downgrade,
+            json,
+        } => {
+            let request = UpdateRequest {
+                wanted: wanted(version, payload)?,
+                allow_downgrade,
+            };
+            let result = match engine.resume() {
+                Some(Err(e)) => Err(e),
+                _ => engine.update_now(&request),
+            };
+            if let Some(v) = &view {
+                v.done();
+            }
+            report_outcome(&result?, json)
+        }
+        Request::Cancel => bail!("nothing runs offline to cancel"),
+        Request::History { json } => {
+            let h = engine.history()?;
+            if json {
+                print_json(&h)
+            } else {
+                write_out(&render_history(&h))
+            }
+        }
+    }
+}
+
+/// What `zbus` says, with a hint when the daemon is not there.
+fn bus_error(e: zbus::Error) -> anyhow::Error {
+    let text = match &e {
+        zbus::Error::MethodError(name, Some(detail), _) => format!("{detail} ({name})"),
+        zbus::Error::FDO(f) => f.to_string(),
+        other => other.to_string(),
+    };
+    if text.contains("ServiceUnknown") || text.contains("was not provided by any") {
+        anyhow!("tandemd is not running ({text}); start it, or use --offline")
+    } else {
+        anyhow!(text)
+    }
+}
+
+async fn proxy(conn: &zbus::Connection) -> Result<zbus::Proxy<'static>> {
+    zbus::Proxy::new(
+        conn,
+        crate::bus::NAME,
+        crate::bus::PATH,
+        crate::bus::NAME,
+    )
+    .await
+    .map_err(bus_error)
+}
+
+async fn get_status(p: &zbus::Proxy<'_>) -> Result<Status> {
+    let text: String = p.call("GetStatus", &()).await.map_err(bus_error)?;
+    serde_json::from_str(&text).context("tandemd sent a status this updatectl cannot read")
+}
+
+async fn daemon_run(request: Request) -> Result<()> {
+    let conn = zbus::Connection::system()
+        .await
+        .context("cannot connect to the system bus")?;
+    let p = proxy(&conn).await?;
+    match request {
+        Request::Status { json } => {
+            let s = get_status(&p).await?;
+            if json {
+                print_json(&s)
+            } else {
+                write_out(&render_status(&s))
+            }
+        }
+        Request::Check { json } => {
+            let text: String = p.call("Check", &()).await.map_err(bus_error)?;
+            let r: CheckReport =
+                serde_json::from_str(&text).context("tandemd sent an unreadable report")?;
+            if json {
+                print_json(&r)
+            } else {
+                write_out(&render_check(&r))
+            }
+        }
+        Request::Apply {
+            version,
+            payload,
+            allow_downgrade,
+            json,
+        } => {
+            let (v, pl) = match wanted(version, payload)? {
+                Wanted::Latest => (String::new(), String::new()),
+                Wanted::Version(v) => (v, String::new()),
+                Wanted::Payload(pl) => (String::new(), pl),
+            };
+            let id: u64 = p
+                .call("Apply", &(v, pl, allow_downgrade))
+                .await
+                .map_err(bus_error)?;
+            let view = ProgressView::new(json);
+            let result = loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let s = get_status(&p).await?;
+                if let Some(r) = s.last_result.as_ref().filter(|r| r.id == id) {
+                    break (r.clone(), s);
+                }
+                if let (Some(v), Some(pr)) = (&view, &s.progress) {
+                    v.show(pr);
+                }
+            };
+            if let Some(v) = &view {
+                v.done();
+            }
+            let (r, s) = result;
+            if !r.ok {
+                bail!("{}", r.message);
+            }
+            if json {
+                print_json(&s)
+            } else {
+                write_out(&format!("{}.\n", r.message))
+            }
+        }
+        Request::Cancel => {
+            let any: bool = p.call("Cancel", &()).await.map_err(bus_error)?;
+            write_out(if any {
+                "Cancelling; the update stops at its next checkpoint.\n"
+            } else {
+                "Nothing to cancel.\n"
+            })
+        }
+        Request::History { json } => {
+            let text: String = p.call("GetHistory", &()).await.map_err(bus_error)?;
+            let h: Vec<HistoryEvent> =
+                serde_json::from_str(&text).context("tandemd sent an unreadable history")?;
+            if json {
+                print_json(&h)
+            } else {
+                write_out(&render_history(&h))
+            }
+        }
+    }
+}
