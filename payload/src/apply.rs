@@ -786,7 +786,12 @@ fn write_extents(file: &Region, extents: &[Extent], data: &[u8]) -> io::Result<(
 
 /// Copies the concatenated `src` blocks into the concatenated `dst` blocks
 /// through a 1 MiB buffer.
-fn copy_extents(source: &Region, src: &[Extent], target: &Region, dst: &[Extent]) -> io::Result<()> {
+fn copy_extents(
+    source: &Region,
+    src: &[Extent],
+    target: &Region,
+    dst: &[Extent],
+) -> io::Result<()> {
     const PIECE: u64 = 256; // blocks
     let mut buf = vec![0u8; (PIECE * BLOCK_SIZE) as usize];
     let mut d = dst.iter().copied();

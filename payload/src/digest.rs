@@ -94,7 +94,12 @@ pub fn digest_file<F: FileExt + Sync>(file: &F, size: u64) -> io::Result<Digest>
     })
 }
 
-fn hash_segment<F: FileExt>(file: &F, size: u64, index: u64, buf: &mut [u8]) -> io::Result<Sha256Hex> {
+fn hash_segment<F: FileExt>(
+    file: &F,
+    size: u64,
+    index: u64,
+    buf: &mut [u8],
+) -> io::Result<Sha256Hex> {
     let start = index * DIGEST_SEGMENT;
     let end = (start + DIGEST_SEGMENT).min(size);
     let mut h = Sha256::new();

@@ -29,8 +29,8 @@ pub mod validate;
 pub use apply::{
     apply, ApplyError, ApplyOptions, ApplyOutcome, Checkpoint, ComponentPaths, PayloadReader,
 };
-pub use region::{ByteRange, Region};
 pub use container::{PayloadError, PayloadHead};
 pub use format::Manifest;
 pub use make::{make_payload, ImageInput, MakeError, MakeOptions};
+pub use region::{ByteRange, Region};
 pub use sign::{Keyring, SignError, SigningKey};

@@ -50,7 +50,8 @@ impl FileExt for Region {
         if offset >= self.range.len {
             return Ok(0);
         }
-        let n = usize::try_from(self.range.len - offset).map_or(buf.len(), |left| left.min(buf.len()));
+        let n =
+            usize::try_from(self.range.len - offset).map_or(buf.len(), |left| left.min(buf.len()));
         self.file.read_at(&mut buf[..n], self.range.offset + offset)
     }
 

@@ -19,9 +19,10 @@ pub enum Fault {
     DropAfter(u64),
     /// Send this many body bytes, then go silent for the duration.
     StallAfter(u64, Duration),
-    /// Claim a Content-Length this many bytes too long, send the real
-    /// bytes and close.
-    LongerLength(u64),
+    /// Claim a Content-Length this many bytes short of the body, send
+    /// that much and close (a length that lies; a length too long is what
+    /// `DropAfter` looks like to the client).
+    ShortLength(u64),
 }
 
 /// What one request got.
@@ -184,17 +185,22 @@ fn handle(conn: TcpStream, root: &Path, shared: &Mutex<Shared>) -> std::io::Resu
                     data.len()
                 ),
             ),
-            None => (200, "HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\n".to_owned()),
+            None => (
+                200,
+                "HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\n".to_owned(),
+            ),
         };
         let claimed = match &fault {
-            Some(Fault::LongerLength(extra)) => body.len() as u64 + extra,
+            Some(Fault::ShortLength(short)) => (body.len() as u64).saturating_sub(*short),
             _ => body.len() as u64,
         };
         head.push_str(&format!("Content-Length: {claimed}\r\n\r\n"));
         out.write_all(head.as_bytes())?;
         let limit = match &fault {
-            Some(Fault::DropAfter(n)) | Some(Fault::StallAfter(n, _)) => (*n as usize).min(body.len()),
-            _ => body.len(),
+            Some(Fault::DropAfter(n)) | Some(Fault::StallAfter(n, _)) => {
+                (*n as usize).min(body.len())
+            }
+            _ => claimed as usize,
         };
         let mut sent = 0usize;
         let chunk = 16 * 1024;
@@ -215,7 +221,7 @@ fn handle(conn: TcpStream, root: &Path, shared: &Mutex<Shared>) -> std::io::Resu
                 std::thread::sleep(pause);
                 return Ok(());
             }
-            Some(Fault::DropAfter(_)) | Some(Fault::LongerLength(_)) => return Ok(()),
+            Some(Fault::DropAfter(_)) | Some(Fault::ShortLength(_)) => return Ok(()),
             _ => {}
         }
     }

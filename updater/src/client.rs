@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::engine::{
-    CheckReport, Engine, Progress, Status, UpdateOutcome, UpdateRequest, Wanted,
-};
+use crate::engine::{CheckReport, Engine, Progress, Status, UpdateOutcome, UpdateRequest, Wanted};
 use crate::state::HistoryEvent;
 
 /// A daemon command.
@@ -89,7 +87,12 @@ pub fn render_status(s: &Status) -> String {
     if let Some(o) = &s.other {
         line(
             "Other:",
-            format!("slot {} ({}), {}", o.slot, o.partition, status_word(o.status)),
+            format!(
+                "slot {} ({}), {}",
+                o.slot,
+                o.partition,
+                status_word(o.status)
+            ),
         );
     }
     if let Some(next) = s.next_boot {
@@ -209,7 +212,10 @@ impl ProgressView {
     }
 
     fn show(&self, p: &Progress) {
-        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let tenth = (p.fraction * 10.0).floor() as i64;
         let mut err = std::io::stderr().lock();
         if self.tty {
@@ -361,14 +367,9 @@ fn bus_error(e: zbus::Error) -> anyhow::Error {
 }
 
 async fn proxy(conn: &zbus::Connection) -> Result<zbus::Proxy<'static>> {
-    zbus::Proxy::new(
-        conn,
-        crate::bus::NAME,
-        crate::bus::PATH,
-        crate::bus::NAME,
-    )
-    .await
-    .map_err(bus_error)
+    zbus::Proxy::new(conn, crate::bus::NAME, crate::bus::PATH, crate::bus::NAME)
+        .await
+        .map_err(bus_error)
 }
 
 async fn get_status(p: &zbus::Proxy<'_>) -> Result<Status> {

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{BootBackendKind, Config};
 use crate::fetch::{self, FetchError, FetchPolicy, Fetcher, RangeReader, Url};
 use crate::machine::{self, BadTransition, Event, UpdateState};
-use crate::slotctl::{self, Opened, Target};
+use crate::slotctl::{self, Target};
 use crate::state::{
     CheckRecord, ErrorRecord, HistoryEvent, Job, PayloadKind, PayloadSource, Persisted, Staged,
     StateDir, StateError,
@@ -124,7 +124,9 @@ pub struct CheckReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "kebab-case")]
 pub enum UpdateOutcome {
-    UpToDate { version: String },
+    UpToDate {
+        version: String,
+    },
     Staged {
         version: String,
         slot: SlotName,
@@ -327,6 +329,13 @@ fn sources_of(payloads: &[PayloadChoice], index_urls: &[Url]) -> Vec<PayloadSour
             }
         })
         .collect()
+}
+
+/// Where the slots are, read once at the start of an update.
+#[derive(Debug, Clone)]
+struct SlotsOnDisk {
+    disk: PathBuf,
+    slots: [bootconfig::Slot; 2],
 }
 
 /// A payload reader that hashes what it reads, until it skips.
@@ -844,9 +853,7 @@ impl Engine {
         })?;
         let (available, sources) = match choice {
             Choice::UpToDate => (None, Vec::new()),
-            Choice::Update { version, payloads } => {
-                (Some(version), sources_of(&payloads, &bases))
-            }
+            Choice::Update { version, payloads } => (Some(version), sources_of(&payloads, &bases)),
         };
         Ok((
             CheckReport {
@@ -937,28 +944,28 @@ impl Engine {
                         version: report.booted_version,
                     });
                 };
+                let staged = lock(&self.persisted).staged.clone();
+                if let Some(s) = staged.filter(|s| s.version == version) {
+                    tracing::info!("{version} is already staged in slot {}", s.slot);
+                    self.advance(Event::UpToDate { staged: true })?;
+                    return Ok(UpdateOutcome::Staged {
+                        version,
+                        slot: s.slot,
+                        payload: PayloadKind::Full,
+                        downloaded_bytes: 0,
+                        resumed_requests: 0,
+                    });
+                }
                 self.advance(Event::UpdateFound)?;
                 self.record_check(Some(&version))?;
-                let staged = lock(&self.persisted).staged.clone();
-                if let Some(s) = staged {
-                    if s.version == version {
-                        tracing::info!("{version} is already staged in slot {}", s.slot);
-                        self.advance(Event::UpToDate { staged: true })?;
-                        return Ok(UpdateOutcome::Staged {
-                            version,
-                            slot: s.slot,
-                            payload: PayloadKind::Full,
-                            downloaded_bytes: 0,
-                            resumed_requests: 0,
-                        });
-                    }
-                }
                 (Some(version), sources)
             }
         };
-        let opened = slotctl::open(&self.target(), false)
-            .map_err(|e| EngineError::Slots(format!("{e:#}")))?;
-        let booted = opened.booted.ok_or_else(|| {
+        // Read only, and let go at once: the disk's lock is shared.
+        let booted = slotctl::open(&self.target(), false)
+            .map_err(|e| EngineError::Slots(format!("{e:#}")))?
+            .booted;
+        let booted = booted.ok_or_else(|| {
             EngineError::Slots(format!(
                 "cannot tell the booted slot from {}",
                 self.config.system.cmdline.display()
@@ -996,10 +1003,17 @@ impl Engine {
         if from != UpdateState::Downloading {
             self.advance(Event::ApplyStarted)?;
         }
-        let target = self.target();
-        let opened =
-            slotctl::open(&target, true).map_err(|e| EngineError::Slots(format!("{e:#}")))?;
-        let booted = opened.booted.ok_or_else(|| {
+        // The disk is locked only while its table is read or written, not
+        // for the whole download.
+        let opened = slotctl::open(&self.target(), false)
+            .map_err(|e| EngineError::Slots(format!("{e:#}")))?;
+        let layout = SlotsOnDisk {
+            disk: opened.disk_path.clone(),
+            slots: opened.slots.clone(),
+        };
+        let booted = opened.booted;
+        drop(opened);
+        let booted = booted.ok_or_else(|| {
             EngineError::Slots(format!(
                 "cannot tell the booted slot from {}",
                 self.config.system.cmdline.display()
@@ -1014,14 +1028,13 @@ impl Engine {
         let booted_version = self.booted_version()?;
         let keyring = self.keyring()?;
         let fetcher = self.fetcher()?;
-        let opened = Arc::new(Mutex::new(opened));
         loop {
             let Some(source) = job.candidates.get(job.current).cloned() else {
                 return Err(EngineError::System("no payload left to try".into()));
             };
-            match self.apply_one(&job, &source, &opened, &keyring, &fetcher, &booted_version) {
+            match self.apply_one(&job, &source, &layout, &keyring, &fetcher, &booted_version) {
                 Ok((version, downloaded, resumed)) => {
-                    return self.finish(&job, &source, &opened, version, downloaded, resumed)
+                    return self.finish(&job, &source, version, downloaded, resumed)
                 }
                 Err(EngineError::Apply(ApplyError::WrongSource {
                     expected, found, ..
@@ -1048,7 +1061,7 @@ impl Engine {
         &self,
         job: &Job,
         source: &PayloadSource,
-        opened: &Arc<Mutex<Opened>>,
+        layout: &SlotsOnDisk,
         keyring: &Keyring,
         fetcher: &Fetcher,
         booted_version: &str,
@@ -1065,11 +1078,11 @@ impl Engine {
             hasher: source.sha256.map(|_| Sha256Stream::default()),
         };
         let (disk, slot_range, source_range) = {
-            let o = lock(opened);
+            let o = layout;
             let slot = &o.slots[job.slot.index()];
             let other = &o.slots[job.slot.other().index()];
             (
-                o.disk_path.clone(),
+                o.disk.clone(),
                 ByteRange {
                     offset: slot.offset,
                     len: slot.size,
@@ -1086,13 +1099,14 @@ impl Engine {
             let source = source.clone();
             let booted_version = booted_version.to_owned();
             let written_version = written_version.clone();
-            let opened = opened.clone();
+            let target = self.target();
             Arc::new(move |m: &payload::Manifest, sha: &Sha256Hex| {
                 vet_manifest(&job, &source, &booted_version, m, sha)?;
                 *lock(&written_version) = Some(m.target_version.clone());
                 // Only now, with every check passed, does the boot state
                 // change: a half-written slot must never boot.
-                let notes = lock(&opened)
+                let notes = slotctl::open(&target, true)
+                    .map_err(|e| format!("{e:#}"))?
                     .backend
                     .clear(job.slot)
                     .map_err(|e| format!("clearing slot {}'s boot state: {e}", job.slot))?;
@@ -1100,7 +1114,15 @@ impl Engine {
                 Ok(())
             })
         };
-        self.run_apply(&mut reader, keyring, disk, slot_range, source_range, vet, &stats)?;
+        self.run_apply(
+            &mut reader,
+            keyring,
+            disk,
+            slot_range,
+            source_range,
+            vet,
+            &stats,
+        )?;
         let version = lock(&written_version)
             .clone()
             .ok_or_else(|| EngineError::System("the payload named no version".into()))?;
@@ -1129,14 +1151,14 @@ impl Engine {
         &self,
         job: &Job,
         source: &PayloadSource,
-        opened: &Mutex<Opened>,
         version: String,
         downloaded: u64,
         resumed: u64,
     ) -> Result<UpdateOutcome, EngineError> {
         self.advance(Event::Verified)?;
         {
-            let mut o = lock(opened);
+            let mut o = slotctl::open(&self.target(), true)
+                .map_err(|e| EngineError::Slots(format!("{e:#}")))?;
             let notes = o
                 .backend
                 .set_next(job.slot, 1)
@@ -1221,7 +1243,37 @@ impl Engine {
                 ControlFlow::Continue(())
             }
         };
-        let outcome = payload::apply(reader, keyring, &paths, &opts, &mut control);
+        // Downloads show progress between operations too: a ticker adds
+        // the bytes received while a long blob streams in.
+        let finished = AtomicBool::new(false);
+        let outcome = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut seen = 0;
+                while !finished.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(250));
+                    let received = stats.received.load(Ordering::Relaxed);
+                    if received != seen {
+                        seen = received;
+                        let changed = {
+                            let mut live = lock(&self.live);
+                            match live.progress.as_mut() {
+                                Some(p) => {
+                                    p.downloaded_bytes = received;
+                                    true
+                                }
+                                None => false,
+                            }
+                        };
+                        if changed {
+                            self.notify();
+                        }
+                    }
+                }
+            });
+            let outcome = payload::apply(reader, keyring, &paths, &opts, &mut control);
+            finished.store(true, Ordering::SeqCst);
+            outcome
+        });
         match outcome {
             Ok(ApplyOutcome::Complete(report)) => {
                 if !written {
@@ -1333,10 +1385,7 @@ mod tests {
             os_release_version("NAME=\"ACL\"\nVERSION=4230.2.1 (LTS)\nVERSION_ID=4230.2.1\n"),
             Some("4230.2.1".into())
         );
-        assert_eq!(
-            os_release_version("VERSION=\"2.0\"\n"),
-            Some("2.0".into())
-        );
+        assert_eq!(os_release_version("VERSION=\"2.0\"\n"), Some("2.0".into()));
         assert_eq!(os_release_version("NAME=x\n"), None);
     }
 
@@ -1370,9 +1419,6 @@ mod tests {
             ]
         );
         // An absolute URL stays itself, once.
-        assert_eq!(
-            payload_urls(&urls, "https://cdn.example/x.tpl").len(),
-            1
-        );
+        assert_eq!(payload_urls(&urls, "https://cdn.example/x.tpl").len(), 1);
     }
 }

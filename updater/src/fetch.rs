@@ -321,10 +321,7 @@ impl RangeReader {
                 let mut body: Box<dyn Read + Send> = Box::new(response);
                 if self.pos > 0 {
                     // The server ignores Range: read up to where we were.
-                    tracing::warn!(
-                        "{url}: server ignored Range; skipping {} bytes",
-                        self.pos
-                    );
+                    tracing::warn!("{url}: server ignored Range; skipping {} bytes", self.pos);
                     let skipped = io::copy(&mut (&mut body).take(self.pos), &mut io::sink())
                         .map_err(|e| e.to_string())?;
                     if skipped != self.pos {
@@ -402,7 +399,9 @@ impl Read for RangeReader {
             }
             let want = match self.size {
                 Some(size) if self.pos >= size => return Ok(0),
-                Some(size) => usize::try_from(size - self.pos).map_or(buf.len(), |n| n.min(buf.len())),
+                Some(size) => {
+                    usize::try_from(size - self.pos).map_or(buf.len(), |n| n.min(buf.len()))
+                }
                 None => buf.len(),
             };
             if self.body.is_none() {
@@ -488,7 +487,10 @@ mod tests {
     #[test]
     fn urls_and_paths_are_accepted_other_schemes_are_not() {
         assert_eq!(parse_url("/srv/a b.json").unwrap().scheme(), "file");
-        assert_eq!(parse_url("https://x.example/i.json").unwrap().scheme(), "https");
+        assert_eq!(
+            parse_url("https://x.example/i.json").unwrap().scheme(),
+            "https"
+        );
         assert!(parse_url("ftp://x.example/i.json").is_err());
         assert!(parse_url("relative/path").is_err());
     }

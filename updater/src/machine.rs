@@ -190,7 +190,12 @@ mod tests {
 
     #[test]
     fn states_serialize_as_their_names() {
-        for s in [S::Idle, S::UpdateAvailable, S::UpdatedNeedReboot, S::ReportingError] {
+        for s in [
+            S::Idle,
+            S::UpdateAvailable,
+            S::UpdatedNeedReboot,
+            S::ReportingError,
+        ] {
             assert_eq!(
                 serde_json::to_string(&s).unwrap(),
                 format!("\"{}\"", s.as_str())

@@ -32,7 +32,9 @@ pub enum StateError {
     Io { path: PathBuf, error: io::Error },
     #[error("{path}: not a state file this tandem understands: {message}")]
     Corrupt { path: PathBuf, message: String },
-    #[error("{path} is held by another tandem engine (tandemd, or updatectl --offline); stop it first")]
+    #[error(
+        "{path} is held by another tandem engine (tandemd, or updatectl --offline); stop it first"
+    )]
     Locked { path: PathBuf },
 }
 
@@ -191,11 +193,10 @@ impl StateDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Persisted::default()),
             Err(e) => return Err(io_err(&path)(e)),
         };
-        let state: Persisted =
-            serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+        let state: Persisted = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         if state.format_version != STATE_FORMAT {
             return Err(StateError::Corrupt {
                 path,

@@ -23,7 +23,15 @@ use bootconfig::{BootBackend, SlotLayout};
 
 /// Debian packages the tests and the demo run: sgdisk, cgpt, bootctl,
 /// GnuPG (payload signatures made and checked by gpg), mkfs.ext4.
-const PACKAGES: [&str; 5] = ["gdisk", "cgpt", "systemd-boot", "gnupg", "e2fsprogs"];
+const PACKAGES: [&str; 7] = [
+    "gdisk",
+    "cgpt",
+    "systemd-boot",
+    "gnupg",
+    "e2fsprogs",
+    "dbus-daemon",
+    "util-linux",
+];
 
 fn main() -> std::process::ExitCode {
     let task = env::args().nth(1).unwrap_or_default();

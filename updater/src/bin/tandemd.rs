@@ -141,12 +141,20 @@ impl Update1 {
     /// Fraction of the slot written, 0 to 1; 0 when nothing is under way.
     #[zbus(property)]
     async fn progress(&self) -> f64 {
-        self.status.borrow().progress.as_ref().map_or(0.0, |p| p.fraction)
+        self.status
+            .borrow()
+            .progress
+            .as_ref()
+            .map_or(0.0, |p| p.fraction)
     }
 
     #[zbus(property)]
     async fn booted_version(&self) -> String {
-        self.status.borrow().booted_version.clone().unwrap_or_default()
+        self.status
+            .borrow()
+            .booted_version
+            .clone()
+            .unwrap_or_default()
     }
 
     #[zbus(property)]
@@ -262,7 +270,8 @@ fn jitter_seconds(max: u64) -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    let mixed = u64::from(nanos).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(std::process::id());
+    let mixed =
+        u64::from(nanos).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(std::process::id());
     mixed % (max + 1)
 }
 
