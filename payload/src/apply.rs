@@ -118,6 +118,7 @@ pub trait PayloadReader: Read {
 impl PayloadReader for File {}
 impl<R: Read> PayloadReader for io::BufReader<R> {}
 impl PayloadReader for &[u8] {}
+impl<T: AsRef<[u8]>> PayloadReader for io::Cursor<T> {}
 impl PayloadReader for io::Stdin {}
 impl<R: PayloadReader + ?Sized> PayloadReader for &mut R {
     fn skip_forward(&mut self, n: u64) -> io::Result<u64> {

@@ -116,6 +116,7 @@ fn hash_segment<F: FileExt>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::io::Write;
 
     #[test]

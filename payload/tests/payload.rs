@@ -177,6 +177,7 @@ fn interrupted_apply_resumes_from_its_checkpoint() {
         threads: 2,
         checkpoint: Some(checkpoint.clone()),
         checkpoint_every: 1 << 20,
+        ..ApplyOptions::default()
     };
     let keyring = &f.keyring;
     let paths = [ComponentPaths {
@@ -608,6 +609,7 @@ fn a_stale_checkpoint_as_a_crash_leaves_it_still_resumes_correctly() {
         threads: 2,
         checkpoint: Some(checkpoint.clone()),
         checkpoint_every: 512 << 10,
+        ..ApplyOptions::default()
     };
     let paths = [ComponentPaths {
         component: "usr".into(),

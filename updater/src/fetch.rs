@@ -354,7 +354,7 @@ impl RangeReader {
             }));
         }
         self.current = (self.current + 1) % count as usize;
-        if self.failures % count == 0 {
+        if self.failures.is_multiple_of(count) {
             self.fetcher
                 .back_off(self.failures / count - 1)
                 .map_err(io::Error::other)?;
