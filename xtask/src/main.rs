@@ -259,7 +259,8 @@ fn make_usr_images(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((v1, v2))
 }
 
-fn payload_demo(tool: &Path, dir: &Path, disk: &Path) -> Result<()> {
+/// Returns the 4230.2.0 image, for the daemon's part of the demo.
+fn payload_demo(tool: &Path, dir: &Path, disk: &Path) -> Result<PathBuf> {
     say("Release engineering: two /usr images (ext4), a signing key, a full and a delta payload");
     let (v1, v2) = make_usr_images(dir)?;
     let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
@@ -412,7 +413,7 @@ fn payload_demo(tool: &Path, dir: &Path, disk: &Path) -> Result<()> {
             .map(|m| m.len() / 1024)
             .unwrap_or(0)
     );
-    Ok(())
+    Ok(v1)
 }
 
 /// What `cgpt` reads for a slot partition: the independent check.
@@ -477,6 +478,8 @@ fn demo() -> Result<()> {
         "updater",
         "--bin",
         "updatectl",
+        "--bin",
+        "tandemd",
         "--package",
         "release",
         "--bin",
@@ -504,7 +507,7 @@ fn demo_on(bin: &Path, tool: &Path, dir: &Path) -> Result<()> {
     let image_path = made.path.as_path();
     updatectl(bin, &["slots", "--disk", image])?;
 
-    payload_demo(tool, dir, image_path)?;
+    let v1 = payload_demo(tool, dir, image_path)?;
 
     say("Stage an update in B: set it next, on trial (1 try)");
     updatectl(bin, &["slots", "set-next", "B", "--disk", image])?;
@@ -531,6 +534,143 @@ fn demo_on(bin: &Path, tool: &Path, dir: &Path) -> Result<()> {
     println!("  boot 3: {third} (trial)   boot 4: {fourth} (marked good, stays)");
     cgpt(image, "3", "USR-A")?;
     cgpt(image, "4", "USR-B")?;
-    println!("\nNext issues grow this into the daemon's job: fetching over HTTP, tandemd and\nupdatectl apply, health checks and real reboots in a VM.");
+
+    daemon_demo(bin, tool, dir, &v1)?;
+    println!(
+        "\nNext issues add health checks and rollback after the reboot, and real reboots in a VM."
+    );
     Ok(())
+}
+
+/// The whole update the daemon's way: a signed index served on 127.0.0.1,
+/// tandemd on a private D-Bus, `updatectl apply` from the shell.
+fn daemon_demo(bin: &Path, tool: &Path, dir: &Path, v1: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    say("A fresh node: 4230.2.0 in slot A of a new disk");
+    let node = dir.join("node");
+    fs::create_dir_all(&node)?;
+    let disk = tandem_testkit::DiskImage::flatcar(&node);
+    let offset = output(
+        Command::new("cgpt")
+            .args(["show", "-i", "3", "-b"])
+            .arg(&disk.path),
+    )?
+    .trim()
+    .parse::<u64>()
+    .context("cgpt printed no number")?
+        * 512;
+    let image = fs::read(v1).context("reading the 4230.2.0 image")?;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&disk.path)?
+        .write_all_at(&image, offset)
+        .context("writing slot A")?;
+
+    say("The release server: a signed index with the full payload and the delta, on 127.0.0.1");
+    let www = dir.join("www");
+    fs::create_dir_all(&www)?;
+    for name in ["4230.2.1.tpl", "4230.2.0-4230.2.1.tpl"] {
+        fs::copy(dir.join(name), www.join(name)).with_context(|| format!("copying {name}"))?;
+    }
+    let w = |name: &str| www.join(name).to_string_lossy().into_owned();
+    release(
+        tool,
+        &[
+            "index",
+            "add",
+            "--index",
+            &w("stable.json"),
+            "--full",
+            &w("4230.2.1.tpl"),
+            "--delta",
+            &w("4230.2.0-4230.2.1.tpl"),
+        ],
+    )?;
+    let key = dir.join("release.key.asc").to_string_lossy().into_owned();
+    release(
+        tool,
+        &["index", "sign", "--index", &w("stable.json"), "--key", &key],
+    )?;
+    let server = tandem_testkit::http::HttpServer::serve(&www);
+
+    say("The node's configuration (/etc/tandem/config.d/50-demo.toml)");
+    let root = node.join("root");
+    let conf_dir = root.join("etc/tandem/config.d");
+    let keys = root.join("etc/tandem/keys.d");
+    fs::create_dir_all(&conf_dir)?;
+    fs::create_dir_all(&keys)?;
+    fs::copy(dir.join("keyring.asc"), keys.join("release.asc"))?;
+    fs::write(
+        node.join("cmdline"),
+        format!("mount.usr=PARTUUID={} ro\n", disk.partuuid(3)),
+    )?;
+    fs::write(
+        node.join("os-release"),
+        "NAME=\"Azure Container Linux\"\nVERSION_ID=4230.2.0\n",
+    )?;
+    fs::write(
+        node.join("machine-id"),
+        "5e1ec7ed5e1ec7ed5e1ec7ed5e1ec7ed\n",
+    )?;
+    let conf = format!(
+        "state_dir = \"{state}\"\n[server]\nindex_url = \"{index}\"\n[slots]\ndisk = \"{disk}\"\n[keys]\ndirs = [\"{keys}\"]\n[system]\ncmdline = \"{n}/cmdline\"\nos_release = \"{n}/os-release\"\nmachine_id = \"{n}/machine-id\"\n[schedule]\nmode = \"off\"\n[apply]\ncheckpoint_mib = 4\n",
+        state = node.join("state").display(),
+        index = server.url("stable.json"),
+        disk = disk.path.display(),
+        keys = keys.display(),
+        n = node.display(),
+    );
+    fs::write(conf_dir.join("50-demo.toml"), &conf)?;
+    print!("{conf}");
+
+    say("tandemd on a private system bus (with the shipped D-Bus policy)");
+    let bus_dir = node.join("bus");
+    fs::create_dir_all(&bus_dir)?;
+    let bus = tandem_testkit::dbus::DbusDaemon::start(&bus_dir);
+    let tandemd = bin.with_file_name("tandemd");
+    let log = node.join("tandemd.log");
+    let mut daemon = Command::new(&tandemd)
+        .arg("--root")
+        .arg(&root)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
+        .stderr(fs::File::create(&log)?)
+        .spawn()
+        .with_context(|| format!("starting {}", tandemd.display()))?;
+    let ctl = |args: &[&str]| -> Result<()> {
+        println!("$ updatectl {}", args.join(" "));
+        run(Command::new(bin)
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address()))
+    };
+    let result = (|| -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !Command::new(bin)
+            .arg("status")
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
+            .output()?
+            .status
+            .success()
+        {
+            if std::time::Instant::now() > deadline {
+                bail!("tandemd did not come up: {}", fs::read_to_string(&log)?);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        ctl(&["status"])?;
+        let disk_path = disk.path.to_string_lossy().into_owned();
+        updatectl(bin, &["slots", "--disk", &disk_path])?;
+        say("updatectl apply: check the index, stream the delta into B, verify, set B next");
+        ctl(&["check"])?;
+        ctl(&["apply"])?;
+        ctl(&["status"])?;
+        updatectl(bin, &["slots", "--disk", &disk_path])?;
+        cgpt(&disk_path, "4", "USR-B")?;
+        ctl(&["history"])?;
+        say("What the daemon logged");
+        print!("{}", fs::read_to_string(&log)?);
+        Ok(())
+    })();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    result
 }
