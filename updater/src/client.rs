@@ -46,13 +46,27 @@ pub fn run(request: Request, offline: bool, root: &Path) -> Result<()> {
     runtime.block_on(daemon_run(request))
 }
 
+/// Prints `value` as JSON, or as `human` renders it.
+fn show<T: serde::Serialize>(
+    value: &T,
+    json: bool,
+    human: impl FnOnce(&T) -> String,
+) -> Result<()> {
+    if json {
+        print_json(value)
+    } else {
+        write_out(&human(value))
+    }
+}
+
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value).context("cannot encode JSON")?;
     text.push('\n');
     write_out(&text)
 }
 
-fn write_out(text: &str) -> Result<()> {
+/// Writes to stdout; a closed pipe (`updatectl status | head`) is not an error.
+pub fn write_out(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
@@ -307,19 +321,11 @@ fn offline_run(request: Request, root: &Path) -> Result<()> {
     match request {
         Request::Status { json } => {
             let s = engine.status();
-            if json {
-                print_json(&s)
-            } else {
-                write_out(&render_status(&s))
-            }
+            show(&s, json, render_status)
         }
         Request::Check { json } => {
             let r = engine.check()?;
-            if json {
-                print_json(&r)
-            } else {
-                write_out(&render_check(&r))
-            }
+            show(&r, json, render_check)
         }
         Request::Apply {
             version,
@@ -343,11 +349,7 @@ fn offline_run(request: Request, root: &Path) -> Result<()> {
         Request::Cancel => bail!("nothing runs offline to cancel"),
         Request::History { json } => {
             let h = engine.history()?;
-            if json {
-                print_json(&h)
-            } else {
-                write_out(&render_history(&h))
-            }
+            show(&h, json, |v| render_history(v))
         }
     }
 }
@@ -385,11 +387,7 @@ async fn daemon_run(request: Request) -> Result<()> {
     match request {
         Request::Status { json } => {
             let s = get_status(&p).await?;
-            if json {
-                print_json(&s)
-            } else {
-                write_out(&render_status(&s))
-            }
+            show(&s, json, render_status)
         }
         Request::Check { json } => {
             let text: String = p.call("Check", &()).await.map_err(bus_error)?;

@@ -157,19 +157,7 @@ fn slots(args: SlotsArgs) -> Result<()> {
     } else {
         slotctl::render(&report)
     };
-    write_stdout(&text)
-}
-
-/// Writes to stdout; a closed pipe (`updatectl slots | head`) is not an error.
-fn write_stdout(text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(e).context("cannot write to stdout")
-        }
-        _ => Ok(()),
-    }
+    client::write_out(&text)
 }
 
 fn main() -> ExitCode {
