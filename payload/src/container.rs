@@ -64,29 +64,29 @@ impl PayloadHead {
     /// against `keyring`, then validates the manifest. Nothing larger than
     /// the header's fixed limits is allocated, and only as bytes arrive.
     pub fn read_verified<R: Read>(reader: &mut R, keyring: &Keyring) -> Result<Self, PayloadError> {
-        let (header, manifest_bytes, signature) = read_sections(reader)?;
-        let signer = keyring.verify_detached(&manifest_bytes, &signature)?;
-        let manifest = validate::parse_and_validate(&manifest_bytes, header.data_len)?;
-        Ok(PayloadHead {
-            header,
-            manifest_bytes,
-            signature,
-            manifest,
-            signer: Some(signer),
-        })
+        Self::read(reader, Some(keyring))
     }
 
     /// Reads the head without checking the signature: for `inspect`, which
     /// shows what a payload claims. Never use the result to write a slot.
     pub fn read_unverified<R: Read>(reader: &mut R) -> Result<Self, PayloadError> {
+        Self::read(reader, None)
+    }
+
+    /// The signature is checked before the manifest is parsed.
+    fn read<R: Read>(reader: &mut R, keyring: Option<&Keyring>) -> Result<Self, PayloadError> {
         let (header, manifest_bytes, signature) = read_sections(reader)?;
+        let signer = match keyring {
+            Some(k) => Some(k.verify_detached(&manifest_bytes, &signature)?),
+            None => None,
+        };
         let manifest = validate::parse_and_validate(&manifest_bytes, header.data_len)?;
         Ok(PayloadHead {
             header,
             manifest_bytes,
             signature,
             manifest,
-            signer: None,
+            signer,
         })
     }
 }

@@ -195,10 +195,7 @@ fn render_check(r: &CheckReport) -> String {
             r.serial,
             r.payloads
                 .iter()
-                .map(|k| serde_json::to_value(k)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default())
+                .map(|k| k.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
@@ -256,10 +253,7 @@ impl ProgressView {
     }
 }
 
-fn report_outcome(outcome: &UpdateOutcome, json: bool) -> Result<()> {
-    if json {
-        return print_json(outcome);
-    }
+fn report_outcome(outcome: &UpdateOutcome) -> Result<()> {
     match outcome {
         UpdateOutcome::UpToDate { version } => write_out(&format!("Up to date at {version}.\n")),
         UpdateOutcome::Staged {
@@ -270,10 +264,7 @@ fn report_outcome(outcome: &UpdateOutcome, json: bool) -> Result<()> {
             resumed_requests,
         } => write_out(&format!(
             "{version} is staged in slot {slot} and boots next ({} payload, {} downloaded{}). Reboot to use it.\n",
-            serde_json::to_value(payload)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            payload.as_str(),
             mib(*downloaded_bytes),
             if *resumed_requests > 0 {
                 format!(", {resumed_requests} resumed requests")
@@ -344,7 +335,13 @@ fn offline_run(request: Request, root: &Path) -> Result<()> {
             if let Some(v) = &view {
                 v.done();
             }
-            report_outcome(&result?, json)
+            let outcome = result?;
+            // Through the daemon or not, --json prints the status document.
+            if json {
+                print_json(&engine.status())
+            } else {
+                report_outcome(&outcome)
+            }
         }
         Request::Cancel => bail!("nothing runs offline to cancel"),
         Request::History { json } => {
@@ -450,11 +447,7 @@ async fn daemon_run(request: Request) -> Result<()> {
             let text: String = p.call("GetHistory", &()).await.map_err(bus_error)?;
             let h: Vec<HistoryEvent> =
                 serde_json::from_str(&text).context("tandemd sent an unreadable history")?;
-            if json {
-                print_json(&h)
-            } else {
-                write_out(&render_history(&h))
-            }
+            show(&h, json, |h| render_history(h))
         }
     }
 }

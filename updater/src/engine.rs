@@ -670,26 +670,23 @@ impl Engine {
         let result = self.update(|p| {
             if stopping && p.job.is_some() {
                 // Keep the job: the next start resumes it.
-                p.state = UpdateState::Downloading;
                 return;
             }
-            let staged = p.staged.is_some();
-            if p.state.is_busy() {
-                p.state = if cancelled {
-                    UpdateState::Idle
-                } else {
-                    UpdateState::ReportingError
-                };
-            }
             p.job = None;
-            if !cancelled {
+            let staged = p.staged.is_some();
+            let to = if cancelled {
+                machine::next(p.state, Event::Cancelled { staged })
+            } else {
                 p.last_error = Some(ErrorRecord {
                     time: now_text(),
                     message,
                 });
-            }
-            if p.state == UpdateState::ReportingError {
-                p.state = UpdateState::resting(staged);
+                machine::next(p.state, Event::Failed)
+                    .and_then(|s| machine::next(s, Event::ErrorReported { staged }))
+            };
+            // A failure before any work started leaves the state as it was.
+            if let Ok(to) = to {
+                p.state = to;
             }
         });
         if let Err(e) = result {
@@ -722,22 +719,15 @@ impl Engine {
         let sig_url = Url::parse(&format!("{from}.sig"))
             .map_err(|e| FetchError::BadUrl(format!("{from}.sig: {e}")))?;
         let (signature, _) = fetcher.get_small(&[sig_url], 1 << 20)?;
-        let channel_want = self.config.server.channel.clone();
-        let last = {
-            let p = lock(&self.persisted);
-            // The serial is per channel; before parsing we know the
-            // configured channel only, so check again below.
-            channel_want
-                .as_ref()
-                .and_then(|c| p.accepted_serial.get(c).copied())
-        };
         let index_err = |error| EngineError::Index {
             url: from.to_string(),
             error,
         };
-        let index = index::verify_index(&bytes, &signature, keyring, SystemTime::now(), last)
+        // Serials are remembered per channel, which is known only once the
+        // index is read: the serial check follows.
+        let index = index::verify_index(&bytes, &signature, keyring, SystemTime::now(), None)
             .map_err(index_err)?;
-        if let Some(want) = &channel_want {
+        if let Some(want) = &self.config.server.channel {
             if &index.channel != want {
                 return Err(EngineError::System(format!(
                     "index {from} is for channel {}, this node follows {want}",
@@ -783,7 +773,7 @@ impl Engine {
             },
             || {
                 self.advance(Event::CheckStarted)?;
-                let result = self.check_inner();
+                let result = self.choose(None, false).map(|(r, _)| r);
                 match &result {
                     Ok(r) => {
                         let staged = lock(&self.persisted).staged.is_some();
@@ -865,10 +855,6 @@ impl Engine {
             },
             sources,
         ))
-    }
-
-    fn check_inner(&self) -> Result<CheckReport, EngineError> {
-        self.choose(None, false).map(|(r, _)| r)
     }
 
     /// Installs an update into the inactive slot and sets it next.
@@ -1094,7 +1080,9 @@ impl Engine {
             )
         };
         let written_version: Arc<Mutex<Option<String>>> = Arc::default();
+        let cleared = Arc::new(AtomicBool::new(false));
         let vet: payload::apply::Vet = {
+            let cleared = cleared.clone();
             let job = job.clone();
             let source = source.clone();
             let booted_version = booted_version.to_owned();
@@ -1111,10 +1099,11 @@ impl Engine {
                     .clear(job.slot)
                     .map_err(|e| format!("clearing slot {}'s boot state: {e}", job.slot))?;
                 notes.iter().for_each(|n| tracing::warn!("{n}"));
+                cleared.store(true, Ordering::SeqCst);
                 Ok(())
             })
         };
-        self.run_apply(
+        let applied = self.run_apply(
             &mut reader,
             keyring,
             disk,
@@ -1122,7 +1111,12 @@ impl Engine {
             source_range,
             vet,
             &stats,
-        )?;
+        );
+        if cleared.load(Ordering::SeqCst) {
+            // The slot that held a staged update no longer boots.
+            self.update(|p| p.staged = None)?;
+        }
+        applied?;
         let version = lock(&written_version)
             .clone()
             .ok_or_else(|| EngineError::System("the payload named no version".into()))?;
@@ -1173,7 +1167,6 @@ impl Engine {
         self.update(|p| {
             p.staged = Some(staged);
             p.job = None;
-            p.state = UpdateState::Finalizing;
         })?;
         self.advance(Event::Staged)?;
         self.record(
@@ -1182,7 +1175,7 @@ impl Engine {
             format!(
                 "{version} written to slot {} from the {} payload ({downloaded} bytes received, {resumed} resumed requests), verified, and set to boot next",
                 job.slot,
-                kind_name(source.kind)
+                source.kind.as_str()
             ),
         );
         Ok(UpdateOutcome::Staged {
@@ -1356,14 +1349,6 @@ fn summarize_outcome(o: &UpdateOutcome) -> String {
         UpdateOutcome::Staged { version, slot, .. } => {
             format!("{version} staged in slot {slot}; reboot to use it")
         }
-    }
-}
-
-fn kind_name(kind: PayloadKind) -> &'static str {
-    match kind {
-        PayloadKind::Delta => "delta",
-        PayloadKind::Full => "full",
-        PayloadKind::Given => "given",
     }
 }
 

@@ -77,8 +77,11 @@ pub enum Event {
     ErrorReported {
         staged: bool,
     },
-    /// A person stopped the work; the slot was cleared, nothing is staged.
-    Cancelled,
+    /// A person stopped the work; `staged` says whether an earlier staged
+    /// update still stands (it does unless the slot was already cleared).
+    Cancelled {
+        staged: bool,
+    },
 }
 
 /// A transition the machine does not allow: a bug in the engine, reported
@@ -104,7 +107,7 @@ pub fn next(from: UpdateState, event: Event) -> Result<UpdateState, BadTransitio
         (S::Finalizing, Event::Staged) => S::UpdatedNeedReboot,
         (s, Event::Failed) if s.is_busy() => S::ReportingError,
         (S::ReportingError, Event::ErrorReported { staged }) => S::resting(staged),
-        (s, Event::Cancelled) if s.is_busy() => S::Idle,
+        (s, Event::Cancelled { staged }) if s.is_busy() => S::resting(staged),
         (from, event) => return Err(BadTransition { from, event }),
     };
     Ok(to)
@@ -177,7 +180,7 @@ mod tests {
         assert!(next(S::Downloading, Event::CheckStarted).is_err());
         assert!(next(S::Idle, Event::Failed).is_err());
         assert_eq!(
-            run(&[Event::ApplyStarted, Event::Cancelled]).unwrap(),
+            run(&[Event::ApplyStarted, Event::Cancelled { staged: false }]).unwrap(),
             S::Idle
         );
         // A check while an update waits for its reboot comes back to it.

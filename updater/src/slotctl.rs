@@ -105,7 +105,7 @@ pub fn booted_disk(cmdline_path: &Path) -> Result<PathBuf> {
 /// A disk's slots, opened, with the backend that keeps their boot state.
 pub struct Opened {
     pub disk_path: PathBuf,
-    pub backend: Box<dyn BootBackend + Send>,
+    pub backend: Box<dyn BootBackend>,
     pub slots: [Slot; 2],
     pub primary: CopyHealth,
     pub backup: CopyHealth,
@@ -151,7 +151,7 @@ pub fn open(target: &Target, for_update: bool) -> Result<Opened> {
     };
     let primary = disk.primary_health().clone();
     let backup = disk.backup_health().clone();
-    let backend: Box<dyn BootBackend + Send> = match &target.esp {
+    let backend: Box<dyn BootBackend> = match &target.esp {
         None => Box::new(GptPrioBackend::new(disk, found.clone())),
         Some(esp) => Box::new(BlsBackend::open(EntriesDir::new(esp), found.clone())?),
     };

@@ -55,6 +55,16 @@ pub enum PayloadKind {
     Given,
 }
 
+impl PayloadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PayloadKind::Delta => "delta",
+            PayloadKind::Full => "full",
+            PayloadKind::Given => "given",
+        }
+    }
+}
+
 /// One payload the update may be made from, with what the index says of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayloadSource {

@@ -31,7 +31,6 @@ struct Args {
 
 struct Update1 {
     engine: Arc<Engine>,
-    status: watch::Receiver<Status>,
 }
 
 fn failed(e: EngineError) -> fdo::Error {
@@ -124,7 +123,7 @@ impl Update1 {
 
     /// The status document (JSON, `format_version` 1).
     async fn get_status(&self) -> fdo::Result<String> {
-        serde_json::to_string(&*self.status.borrow()).map_err(|e| fdo::Error::Failed(e.to_string()))
+        serde_json::to_string(&self.engine.status()).map_err(|e| fdo::Error::Failed(e.to_string()))
     }
 
     /// The history, oldest first (JSON).
@@ -135,14 +134,14 @@ impl Update1 {
 
     #[zbus(property)]
     async fn state(&self) -> String {
-        self.status.borrow().state.as_str().to_owned()
+        self.engine.status().state.as_str().to_owned()
     }
 
     /// Fraction of the slot written, 0 to 1; 0 when nothing is under way.
     #[zbus(property)]
     async fn progress(&self) -> f64 {
-        self.status
-            .borrow()
+        self.engine
+            .status()
             .progress
             .as_ref()
             .map_or(0.0, |p| p.fraction)
@@ -150,8 +149,8 @@ impl Update1 {
 
     #[zbus(property)]
     async fn booted_version(&self) -> String {
-        self.status
-            .borrow()
+        self.engine
+            .status()
             .booted_version
             .clone()
             .unwrap_or_default()
@@ -159,8 +158,8 @@ impl Update1 {
 
     #[zbus(property)]
     async fn staged_version(&self) -> String {
-        self.status
-            .borrow()
+        self.engine
+            .status()
             .staged
             .as_ref()
             .map(|s| s.version.clone())
@@ -170,8 +169,8 @@ impl Update1 {
     /// When the index was last checked (RFC 3339), empty if never.
     #[zbus(property)]
     async fn last_check(&self) -> String {
-        self.status
-            .borrow()
+        self.engine
+            .status()
             .last_check
             .as_ref()
             .map(|c| c.time.clone())
@@ -180,8 +179,8 @@ impl Update1 {
 
     #[zbus(property)]
     async fn last_error(&self) -> String {
-        self.status
-            .borrow()
+        self.engine
+            .status()
             .last_error
             .as_ref()
             .map(|e| e.message.clone())
@@ -192,15 +191,16 @@ impl Update1 {
 /// Emits PropertiesChanged for what changed, at most every 250 ms.
 async fn forward_changes(
     conn: zbus::Connection,
-    mut rx: watch::Receiver<Status>,
+    engine: Arc<Engine>,
+    mut changed: watch::Receiver<()>,
 ) -> zbus::Result<()> {
     let iface = conn
         .object_server()
         .interface::<_, Update1>(updater::bus::PATH)
         .await?;
-    let mut last = rx.borrow().clone();
-    while rx.changed().await.is_ok() {
-        let now = rx.borrow_and_update().clone();
+    let mut last = engine.status();
+    while changed.changed().await.is_ok() {
+        let now = engine.status();
         let emitter: &SignalEmitter<'_> = iface.signal_emitter();
         let this = iface.get().await;
         if now.state != last.state {
@@ -279,30 +279,16 @@ async fn run(args: Args) -> Result<()> {
     let config = config::load(&args.root)
         .with_context(|| format!("reading the configuration under {}", args.root.display()))?;
     let state_dir = config.state_dir.clone();
-    let (tx, rx) = watch::channel::<Option<Status>>(None);
+    // The engine says when its status changed; the signals read it anew.
+    let (tx, rx) = watch::channel(());
     let engine = Engine::open(
         config,
-        Box::new(move |s: &Status| {
-            tx.send_replace(Some(s.clone()));
+        Box::new(move |_: &Status| {
+            tx.send_replace(());
         }),
     )
     .with_context(|| format!("opening the engine state in {}", state_dir.display()))?;
     let engine = Arc::new(engine);
-    let status_rx = {
-        // A plain Status channel for the interface, fed from the engine's.
-        let first = engine.status();
-        let (stx, srx) = watch::channel(first);
-        let mut rx = rx;
-        tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let next = rx.borrow_and_update().clone();
-                if let Some(s) = next {
-                    stx.send_replace(s);
-                }
-            }
-        });
-        srx
-    };
     let builder = if args.session {
         zbus::connection::Builder::session()
     } else {
@@ -316,7 +302,6 @@ async fn run(args: Args) -> Result<()> {
             updater::bus::PATH,
             Update1 {
                 engine: engine.clone(),
-                status: status_rx.clone(),
             },
         )
         .context("serving the object")?
@@ -335,8 +320,9 @@ async fn run(args: Args) -> Result<()> {
     ));
     tokio::spawn({
         let conn = conn.clone();
+        let engine = engine.clone();
         async move {
-            if let Err(e) = forward_changes(conn, status_rx).await {
+            if let Err(e) = forward_changes(conn, engine, rx).await {
                 tracing::error!("property signals stopped: {e}");
             }
         }
