@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The folders read, in order, under a root (`/` on a node).
 pub const CONFIG_DIRS: [&str; 2] = ["usr/lib/tandem/config.d", "etc/tandem/config.d"];
@@ -38,6 +38,8 @@ pub struct Config {
     pub system: System,
     pub download: Download,
     pub apply: Apply,
+    pub health: Health,
+    pub metrics: Metrics,
     /// Where the engine keeps its state (`/var/lib/tandem`).
     pub state_dir: PathBuf,
 }
@@ -53,6 +55,8 @@ impl Default for Config {
             system: System::default(),
             download: Download::default(),
             apply: Apply::default(),
+            health: Health::default(),
+            metrics: Metrics::default(),
             state_dir: PathBuf::from("/var/lib/tandem"),
         }
     }
@@ -82,6 +86,8 @@ pub struct System {
     pub os_release: PathBuf,
     /// The machine id, for the phased rollout bucket.
     pub machine_id: PathBuf,
+    /// The kernel's id of this boot: one assessment per boot.
+    pub boot_id: PathBuf,
 }
 
 impl Default for System {
@@ -90,6 +96,7 @@ impl Default for System {
             cmdline: PathBuf::from("/proc/cmdline"),
             os_release: PathBuf::from("/usr/lib/os-release"),
             machine_id: PathBuf::from("/etc/machine-id"),
+            boot_id: PathBuf::from("/proc/sys/kernel/random/boot_id"),
         }
     }
 }
@@ -221,19 +228,131 @@ impl Default for Schedule {
     }
 }
 
+/// When a staged update may reboot the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RebootStrategy {
+    /// Stage, write `reboot.required_file` (kured's signal) and wait.
+    Off,
+    /// Reboot as soon as the update is staged.
+    Immediate,
+    /// Reboot in the next weekly maintenance window (`reboot.windows`).
+    Window,
+    /// Reboot once a fleetlock server grants a slot (`reboot.fleetlock_url`).
+    Fleetlock,
+    /// Leave the reboot to the Kubernetes operator, as `off` does, and tell
+    /// it over D-Bus (`RebootRequired`).
+    Kubernetes,
+}
+
+impl RebootStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RebootStrategy::Off => "off",
+            RebootStrategy::Immediate => "immediate",
+            RebootStrategy::Window => "window",
+            RebootStrategy::Fleetlock => "fleetlock",
+            RebootStrategy::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// One weekly maintenance window: on each of `days`, from `start` (local
+/// time in `reboot.time_zone`) for `length_minutes`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    /// `Mon`, `Tue`, ... `Sun` (or the full names).
+    pub days: Vec<String>,
+    /// `HH:MM`, 24-hour.
+    pub start: String,
+    pub length_minutes: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Reboot {
-    /// The command that reboots the node (tests point it at a recorder).
+    pub strategy: RebootStrategy,
+    /// The command that reboots the node; empty means logind's
+    /// `RebootWithFlags` with inhibitors respected. Tests point it at a
+    /// recorder.
     pub command: Vec<String>,
+    /// Written when an update waits for a reboot (kured watches it).
+    pub required_file: PathBuf,
+    /// For `window`.
+    pub windows: Vec<Window>,
+    /// For `window`: an IANA name (`Europe/Berlin`), `UTC` or `localtime`.
+    pub time_zone: String,
+    /// For `fleetlock`: the server's base URL (`/v1/pre-reboot` is added).
+    pub fleetlock_url: Option<String>,
+    pub fleetlock_group: String,
+    /// First wait before asking again when the lock is refused, the server
+    /// is down or logind is inhibited; it doubles up to ten minutes.
+    pub retry_seconds: u64,
 }
 
 impl Default for Reboot {
     fn default() -> Self {
         Reboot {
-            command: vec!["systemctl".into(), "reboot".into()],
+            strategy: RebootStrategy::Immediate,
+            command: Vec::new(),
+            required_file: PathBuf::from("/run/reboot-required"),
+            windows: Vec::new(),
+            time_zone: "UTC".into(),
+            fleetlock_url: None,
+            fleetlock_group: "default".into(),
+            retry_seconds: 30,
         }
     }
+}
+
+/// The boot assessment: what must hold for a new image to be marked good.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    /// Every check must pass within this many seconds of the start.
+    pub deadline_seconds: u64,
+    /// systemd units that must be active (asked of systemd over D-Bus).
+    pub units: Vec<String>,
+    /// Folders of executables that must exit 0; a name in a later folder
+    /// replaces the same name in an earlier one (a link to `/dev/null`
+    /// turns it off).
+    pub dirs: Vec<PathBuf>,
+    /// The longest one executable may run.
+    pub script_timeout_seconds: u64,
+    /// URLs that must answer 2xx (asked again until the deadline).
+    pub http: Vec<String>,
+    /// Wait between tries of a unit or URL that is not there yet.
+    pub retry_seconds: u64,
+    /// Reboot into the other slot when a check fails (through the reboot
+    /// action, whatever the strategy: a sick node should not wait).
+    pub reboot_on_failure: bool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            deadline_seconds: 600,
+            units: Vec::new(),
+            dirs: vec![
+                PathBuf::from("/usr/lib/tandem/health.d"),
+                PathBuf::from("/etc/tandem/health.d"),
+            ],
+            script_timeout_seconds: 120,
+            http: Vec::new(),
+            retry_seconds: 5,
+            reboot_on_failure: true,
+        }
+    }
+}
+
+/// Prometheus metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// A textfile-collector file (node_exporter's
+    /// `--collector.textfile.directory`), rewritten atomically on changes.
+    pub textfile: Option<PathBuf>,
 }
 
 /// The drop-in files under `root`, in the order they apply.
@@ -288,6 +407,7 @@ pub fn from_documents(docs: &[(PathBuf, String)]) -> Result<Config, ConfigError>
             "slots.boot_backend = \"bls\" needs slots.esp".into(),
         ));
     }
+    crate::reboot::validate(&config.reboot).map_err(ConfigError::Invalid)?;
     Ok(config)
 }
 

@@ -14,6 +14,9 @@
 //! 4. read the slot back and compare with the manifest;
 //! 5. set the slot to boot next (one try).
 
+mod boot;
+
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,9 +37,11 @@ use crate::fetch::{self, FetchError, FetchPolicy, Fetcher, RangeReader, Url};
 use crate::machine::{self, BadTransition, Event, UpdateState};
 use crate::slotctl::{self, Target};
 use crate::state::{
-    CheckRecord, ErrorRecord, HistoryEvent, Job, PayloadKind, PayloadSource, Persisted, Staged,
-    StateDir, StateError,
+    Assessment, CheckRecord, ErrorRecord, HistoryEvent, Job, PayloadKind, PayloadSource,
+    Persisted, Staged, StateDir, StateError,
 };
+
+pub use boot::RebootStatus;
 
 /// Version of the status document (`updatectl status --json`, D-Bus
 /// `GetStatus`); bumped on any incompatible change.
@@ -65,6 +70,10 @@ pub enum EngineError {
     State(StateError),
     #[error("cancelled")]
     Cancelled,
+    #[error("{version} was rolled back ({reason}); tandem does not install it again by itself: run `updatectl apply {version}` to try it again")]
+    Blocked { version: String, reason: String },
+    #[error("{0}")]
+    Refused(String),
     #[error("engine bug: {0}")]
     Bug(BadTransition),
 }
@@ -118,6 +127,10 @@ pub struct CheckReport {
     pub available: Option<String>,
     /// The payload kinds it would use, preferred first.
     pub payloads: Vec<PayloadKind>,
+    /// Why `available` will not be installed without being named: it was
+    /// rolled back on this node.
+    #[serde(default)]
+    pub blocked: Option<String>,
 }
 
 /// The outcome of an update.
@@ -193,6 +206,22 @@ pub struct Status {
     pub slots_error: Option<String>,
     pub operation: Option<Operation>,
     pub last_result: Option<OperationResult>,
+    /// The update booted into and being assessed.
+    pub trial: Option<Staged>,
+    /// `pending`, `running`, `not-needed` (the booted slot was good), or
+    /// this boot's assessment: `passed`, `failed`, `marked-good`,
+    /// `marked-bad`.
+    pub health: String,
+    /// The last assessment (this boot's or an earlier one).
+    pub assessment: Option<Assessment>,
+    /// Versions tandem will not install by itself, with why.
+    pub blocked: BTreeMap<String, String>,
+    /// What the reboot strategy is doing about a staged update.
+    pub reboot: Option<RebootStatus>,
+    /// An update waits for a reboot.
+    pub reboot_required: bool,
+    /// Counts of failures, rollbacks and updates (for the metrics).
+    pub counters: BTreeMap<String, u64>,
 }
 
 /// The right to run one operation; from [`Engine::begin`].
@@ -213,6 +242,21 @@ struct Live {
     other: Option<SlotView>,
     next_boot: Option<SlotName>,
     slots_error: Option<String>,
+    /// Whether the booted slot is marked good.
+    booted_good: bool,
+    boot_id: Option<String>,
+    /// `pending` until the start's assessment is done, `running` during it.
+    health: HealthPhase,
+    reboot: boot::RebootLive,
+    metrics_written: String,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum HealthPhase {
+    #[default]
+    Pending,
+    Running,
+    Done,
 }
 
 pub type Observer = Box<dyn Fn(&Status) + Send + Sync>;
@@ -397,6 +441,7 @@ impl Engine {
             next_id: AtomicU64::new(1),
             _lock: lock_file,
         };
+        lock(&engine.live).boot_id = engine.boot_id();
         engine.refresh_slots();
         Ok(engine)
     }
@@ -422,6 +467,18 @@ impl Engine {
     pub fn status(&self) -> Status {
         let p = lock(&self.persisted).clone();
         let live = lock(&self.live);
+        let this_boot = p
+            .assessment
+            .as_ref()
+            .filter(|a| a.boot_id.is_some() && a.boot_id == live.boot_id);
+        let health = match (live.health, this_boot) {
+            (HealthPhase::Running, _) => "running".to_owned(),
+            (_, Some(a)) => a.result.clone(),
+            (_, None) if live.booted_good => "not-needed".to_owned(),
+            (HealthPhase::Done, None) => "not-assessed".to_owned(),
+            (HealthPhase::Pending, None) => "pending".to_owned(),
+        };
+        let reboot_required = p.staged.is_some() && p.job.is_none();
         Status {
             format_version: STATUS_FORMAT,
             state: p.state,
@@ -437,6 +494,13 @@ impl Engine {
             slots_error: live.slots_error.clone(),
             operation: live.operation.clone(),
             last_result: live.last_result.clone(),
+            trial: p.trial,
+            health,
+            assessment: p.assessment,
+            blocked: p.blocked,
+            reboot: live.reboot.status.clone(),
+            reboot_required,
+            counters: p.counters,
         }
     }
 
@@ -445,16 +509,50 @@ impl Engine {
     }
 
     fn notify(&self) {
-        (self.observer)(&self.status());
+        let status = self.status();
+        self.write_metrics(&status);
+        (self.observer)(&status);
+    }
+
+    /// Rewrites the textfile-collector file when the metrics changed.
+    fn write_metrics(&self, status: &Status) {
+        let Some(path) = &self.config.metrics.textfile else {
+            return;
+        };
+        let text = crate::metrics::render(status, &self.config);
+        let mut live = lock(&self.live);
+        if live.metrics_written == text {
+            return;
+        }
+        match payload::files::write_atomic(path, text.as_bytes()) {
+            Ok(()) => live.metrics_written = text,
+            Err(e) => tracing::warn!("cannot write the metrics to {}: {e}", path.display()),
+        }
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn metrics(&self) -> String {
+        crate::metrics::render(&self.status(), &self.config)
     }
 
     fn record(&self, kind: &str, version: Option<&str>, message: String) {
+        self.record_with_output(kind, version, message, None);
+    }
+
+    fn record_with_output(
+        &self,
+        kind: &str,
+        version: Option<&str>,
+        message: String,
+        output: Option<String>,
+    ) {
         tracing::info!("{kind}: {message}");
         let event = HistoryEvent {
             time: now_text(),
             kind: kind.to_owned(),
             version: version.map(str::to_owned),
             message,
+            output,
         };
         if let Err(e) = self.dir.record(event) {
             tracing::warn!("cannot record history: {e}");
@@ -528,6 +626,11 @@ impl Engine {
         {
             let mut live = lock(&self.live);
             live.booted_version = version.ok();
+            live.booted_good = report.as_ref().is_ok_and(|r| {
+                r.slots
+                    .iter()
+                    .any(|s| s.booted && s.boot.status() == SlotStatus::Good)
+            });
             match report {
                 Ok(r) => {
                     let view = |s: &slotctl::SlotReport| SlotView {
@@ -661,6 +764,7 @@ impl Engine {
         let kind = match error {
             EngineError::Index { .. } | EngineError::Apply(ApplyError::Refused(_)) => "refused",
             EngineError::Apply(ApplyError::Payload(_)) => "refused",
+            EngineError::Blocked { .. } | EngineError::Refused(_) => "refused",
             EngineError::Cancelled => "cancelled",
             _ => "failed",
         };
@@ -668,6 +772,9 @@ impl Engine {
         let cancelled = matches!(error, EngineError::Cancelled);
         let stopping = self.stopping.load(Ordering::SeqCst);
         let result = self.update(|p| {
+            if !cancelled {
+                *p.counters.entry(format!("failures/{kind}")).or_default() += 1;
+            }
             if stopping && p.job.is_some() {
                 // Keep the job: the next start resumes it.
                 return;
@@ -850,6 +957,9 @@ impl Engine {
                 booted_version: booted,
                 channel: index.channel,
                 serial: index.serial,
+                blocked: available
+                    .as_ref()
+                    .and_then(|v| lock(&self.persisted).blocked.get(v).cloned()),
                 available,
                 payloads: sources.iter().map(|s| s.kind).collect(),
             },
@@ -930,6 +1040,14 @@ impl Engine {
                         version: report.booted_version,
                     });
                 };
+                if let (Wanted::Latest, Some(reason)) = (&request.wanted, &report.blocked) {
+                    let staged = lock(&self.persisted).staged.is_some();
+                    self.advance(Event::UpToDate { staged })?;
+                    return Err(EngineError::Blocked {
+                        version,
+                        reason: reason.clone(),
+                    });
+                }
                 let staged = lock(&self.persisted).staged.clone();
                 if let Some(s) = staged.filter(|s| s.version == version) {
                     tracing::info!("{version} is already staged in slot {}", s.slot);
@@ -948,15 +1066,24 @@ impl Engine {
             }
         };
         // Read only, and let go at once: the disk's lock is shared.
-        let booted = slotctl::open(&self.target(), false)
-            .map_err(|e| EngineError::Slots(format!("{e:#}")))?
-            .booted;
-        let booted = booted.ok_or_else(|| {
+        let opened = slotctl::open(&self.target(), false)
+            .map_err(|e| EngineError::Slots(format!("{e:#}")))?;
+        let booted = opened.booted.ok_or_else(|| {
             EngineError::Slots(format!(
                 "cannot tell the booted slot from {}",
                 self.config.system.cmdline.display()
             ))
         })?;
+        // The other slot is the way back while the booted one is on trial:
+        // it is not overwritten until the booted slot is marked good.
+        let booted_status = opened.backend.slot_boot(booted).status();
+        drop(opened);
+        if booted_status != SlotStatus::Good {
+            return Err(EngineError::Refused(format!(
+                "the booted slot {booted} is not marked good yet (its health is being assessed, or it failed); slot {} is the way back and is not overwritten until then (updatectl mark-good marks it by hand)",
+                booted.other()
+            )));
+        }
         let job = Job {
             version: version.clone(),
             slot: booted.other(),
@@ -1167,6 +1294,9 @@ impl Engine {
         self.update(|p| {
             p.staged = Some(staged);
             p.job = None;
+            p.versions.insert(job.slot, version.clone());
+            p.blocked.remove(&version);
+            *p.counters.entry("staged".into()).or_default() += 1;
         })?;
         self.advance(Event::Staged)?;
         self.record(

@@ -5,7 +5,11 @@
 //! - [`machine`]: the update state machine (pure).
 //! - [`state`]: the persisted state, history and lock in `/var/lib/tandem`.
 //! - [`fetch`]: downloads that resume with `Range`, retries and mirrors.
-//! - [`engine`]: the update steps, driven by `tandemd` and `--offline`.
+//! - [`engine`]: the update steps, driven by `tandemd` and `--offline`,
+//!   and after the reboot the boot assessment, rollback and reboots.
+//! - [`health`]: the health checks (units, `health.d`, HTTP probes).
+//! - [`reboot`]: reboot strategies (windows, fleetlock) and actions.
+//! - [`metrics`]: Prometheus text-format metrics.
 //! - [`notify`]: readiness and status for systemd.
 //! - [`slotctl`]: the daemon-free slot view behind `updatectl slots`.
 
@@ -13,8 +17,11 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod fetch;
+pub mod health;
 pub mod machine;
+pub mod metrics;
 pub mod notify;
+pub mod reboot;
 pub mod slotctl;
 pub mod state;
 

@@ -82,6 +82,12 @@ pub enum Event {
     Cancelled {
         staged: bool,
     },
+    /// Boot entries changed outside an update (a rollback set, a staged
+    /// update found not to have booted, a slot marked): rest again, with
+    /// or without something waiting for a reboot.
+    BootChanged {
+        staged: bool,
+    },
 }
 
 /// A transition the machine does not allow: a bug in the engine, reported
@@ -108,6 +114,9 @@ pub fn next(from: UpdateState, event: Event) -> Result<UpdateState, BadTransitio
         (s, Event::Failed) if s.is_busy() => S::ReportingError,
         (S::ReportingError, Event::ErrorReported { staged }) => S::resting(staged),
         (s, Event::Cancelled { staged }) if s.is_busy() => S::resting(staged),
+        (s, Event::BootChanged { staged }) if resting(s) && s != S::ReportingError => {
+            S::resting(staged)
+        }
         (from, event) => return Err(BadTransition { from, event }),
     };
     Ok(to)
@@ -189,6 +198,21 @@ mod tests {
             next(s, Event::UpToDate { staged: true }).unwrap(),
             S::UpdatedNeedReboot
         );
+    }
+
+    #[test]
+    fn boot_changes_happen_only_at_rest() {
+        assert_eq!(
+            next(S::Idle, Event::BootChanged { staged: true }).unwrap(),
+            S::UpdatedNeedReboot
+        );
+        assert_eq!(
+            next(S::UpdatedNeedReboot, Event::BootChanged { staged: false }).unwrap(),
+            S::Idle
+        );
+        for from in [S::Checking, S::Downloading, S::Verifying, S::Finalizing, S::ReportingError] {
+            assert!(next(from, Event::BootChanged { staged: true }).is_err(), "{from:?}");
+        }
     }
 
     #[test]

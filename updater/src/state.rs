@@ -116,7 +116,7 @@ pub struct ErrorRecord {
 }
 
 /// `state.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Persisted {
     pub format_version: u32,
@@ -127,6 +127,41 @@ pub struct Persisted {
     pub last_error: Option<ErrorRecord>,
     /// Highest serial accepted, per channel: a lower one is refused.
     pub accepted_serial: BTreeMap<String, u64>,
+    /// The update booted into and not yet assessed (it was `staged`).
+    #[serde(default)]
+    pub trial: Option<Staged>,
+    /// Versions rolled back, with why: never installed again by tandem
+    /// itself, only when a person names them.
+    #[serde(default)]
+    pub blocked: BTreeMap<String, String>,
+    /// The last boot assessment (or manual mark), with the boot it was for.
+    #[serde(default)]
+    pub assessment: Option<Assessment>,
+    /// A fleetlock reboot slot is held (taken before the reboot, given back
+    /// once the node is healthy again).
+    #[serde(default)]
+    pub fleetlock_held: bool,
+    /// The version each slot holds, as far as tandem knows.
+    #[serde(default)]
+    pub versions: BTreeMap<SlotName, String>,
+    /// Counters for the metrics (`failures/download`, `rollbacks/health`,
+    /// ...); they survive restarts, unlike the bounded history.
+    #[serde(default)]
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// A boot's assessment: the health checks' outcome, or a person's mark.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assessment {
+    /// The kernel's boot id: one assessment per boot.
+    pub boot_id: Option<String>,
+    pub slot: SlotName,
+    pub version: Option<String>,
+    /// `passed`, `failed`, `marked-good` or `marked-bad`.
+    pub result: String,
+    pub started: String,
+    pub finished: String,
+    pub checks: Vec<crate::health::CheckResult>,
 }
 
 impl Default for Persisted {
@@ -139,6 +174,12 @@ impl Default for Persisted {
             last_check: None,
             last_error: None,
             accepted_serial: BTreeMap::new(),
+            trial: None,
+            blocked: BTreeMap::new(),
+            assessment: None,
+            fleetlock_held: false,
+            versions: BTreeMap::new(),
+            counters: BTreeMap::new(),
         }
     }
 }
@@ -239,11 +280,19 @@ impl StateDir {
         }
     }
 
-    /// Appends an event, dropping the oldest beyond [`HISTORY_LIMIT`].
+    /// Appends an event, dropping the oldest beyond [`HISTORY_LIMIT`]. An
+    /// event that repeats the last one (kind, version and message) is not
+    /// added again, so a failure that recurs every hour does not push the
+    /// rest out.
     pub fn record(&self, event: HistoryEvent) -> Result<(), StateError> {
         let path = self.history_file();
         // A damaged history is replaced rather than blocking updates.
         let mut events = self.history().unwrap_or_default();
+        if events.last().is_some_and(|l| {
+            l.kind == event.kind && l.version == event.version && l.message == event.message
+        }) {
+            return Ok(());
+        }
         events.push(event);
         let excess = events.len().saturating_sub(HISTORY_LIMIT);
         events.drain(..excess);
@@ -260,10 +309,15 @@ impl StateDir {
 pub struct HistoryEvent {
     pub time: String,
     /// `check`, `download-started`, `resumed`, `fallback`, `staged`,
-    /// `cancelled`, `refused`, `failed`.
+    /// `cancelled`, `refused`, `failed`, `reboot`, `booted`, `health-passed`,
+    /// `health-failed`, `marked-good`, `marked-bad`, `rollback`,
+    /// `fleetlock`.
     pub kind: String,
     pub version: Option<String>,
     pub message: String,
+    /// What a failed health check printed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 #[cfg(test)]
@@ -293,6 +347,7 @@ mod tests {
                 kind: "check".into(),
                 version: None,
                 message: i.to_string(),
+                output: None,
             })
             .unwrap();
         }

@@ -22,8 +22,10 @@ use bootconfig::slots::find_slots;
 use bootconfig::{BootBackend, SlotLayout};
 
 /// Debian packages the tests and the demo run: sgdisk, cgpt, bootctl,
-/// GnuPG (payload signatures made and checked by gpg), mkfs.ext4.
-const PACKAGES: [&str; 7] = [
+/// GnuPG (payload signatures made and checked by gpg), mkfs.ext4, the
+/// Prometheus reference parser (the metrics test reads tandem's metrics
+/// with it).
+const PACKAGES: [&str; 8] = [
     "gdisk",
     "cgpt",
     "systemd-boot",
@@ -31,6 +33,7 @@ const PACKAGES: [&str; 7] = [
     "e2fsprogs",
     "dbus-daemon",
     "util-linux",
+    "python3-prometheus-client",
 ];
 
 fn main() -> std::process::ExitCode {
