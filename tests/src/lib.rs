@@ -13,6 +13,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub mod dbus;
+pub mod fleetlock;
 pub mod http;
 
 /// The Flatcar `/usr` partition type.

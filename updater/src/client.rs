@@ -32,6 +32,20 @@ pub enum Request {
     History {
         json: bool,
     },
+    /// Boot the other slot next, when it is good.
+    Rollback,
+    /// Mark the booted slot good (`true`) or bad.
+    Mark {
+        good: bool,
+    },
+    /// This boot's assessment; `wait` until it is over (and fail when it
+    /// failed).
+    Health {
+        json: bool,
+        wait: bool,
+    },
+    /// The Prometheus metrics.
+    Metrics,
 }
 
 /// Runs a command against tandemd, or in-process with `offline`.
@@ -145,7 +159,70 @@ pub fn render_status(s: &Status) -> String {
     if let Some(e) = &s.slots_error {
         line("Slots:", format!("cannot read: {e}"));
     }
+    line("Health:", health_line(s));
+    if let Some(r) = &s.reboot {
+        line(
+            "Reboot:",
+            format!("{} ({}): {}", r.state, r.strategy, r.detail),
+        );
+    }
+    for (version, why) in &s.blocked {
+        line("Blocked:", format!("{version}: {why}"));
+    }
     out
+}
+
+fn health_line(s: &Status) -> String {
+    let mut text = s.health.clone();
+    if let Some(t) = &s.trial {
+        text.push_str(&format!(" ({} on trial in slot {})", t.version, t.slot));
+    }
+    if let Some(a) = &s.assessment {
+        if let Some(f) = a.checks.iter().find(|c| !c.ok) {
+            text.push_str(&format!(
+                "; last assessment {} on slot {}: {} {}: {}",
+                a.result, a.slot, f.kind, f.name, f.message
+            ));
+        } else {
+            text.push_str(&format!(
+                "; last assessment {} on slot {} at {}",
+                a.result, a.slot, a.finished
+            ));
+        }
+    }
+    text
+}
+
+/// The human view of the assessment. Pure.
+pub fn render_health(s: &Status) -> String {
+    let mut out = format!("Health: {}\n", health_line(s));
+    if let Some(a) = &s.assessment {
+        for c in &a.checks {
+            out.push_str(&format!(
+                "  {} {:<6} {} ({:.1}s): {}\n",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.kind,
+                c.name,
+                c.seconds,
+                c.message
+            ));
+            if !c.ok && !c.output.is_empty() {
+                for l in c.output.lines() {
+                    out.push_str(&format!("         | {l}\n"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether the assessment is over, and whether it went well.
+fn health_done(s: &Status) -> Option<bool> {
+    match s.health.as_str() {
+        "pending" | "running" => None,
+        "failed" | "marked-bad" => Some(false),
+        _ => Some(true),
+    }
 }
 
 fn status_word(s: bootconfig::gptprio::SlotStatus) -> &'static str {
@@ -175,18 +252,27 @@ pub fn render_history(events: &[HistoryEvent]) -> String {
     events
         .iter()
         .map(|e| {
-            format!(
+            let mut line = format!(
                 "{}  {:<16} {:<12} {}\n",
                 e.time,
                 e.kind,
                 e.version.as_deref().unwrap_or("-"),
                 e.message
-            )
+            );
+            for l in e.output.iter().flat_map(|o| o.lines()) {
+                line.push_str(&format!("{:<22}| {l}\n", ""));
+            }
+            line
         })
         .collect()
 }
 
 fn render_check(r: &CheckReport) -> String {
+    if let (Some(v), Some(why)) = (&r.available, &r.blocked) {
+        return format!(
+            "{v} is available but was rolled back here ({why}); tandem will not install it by itself (updatectl apply {v} does).\n"
+        );
+    }
     match &r.available {
         Some(v) => format!(
             "Update available: {v} (booted {}; channel {}, index serial {}; payloads: {})\n",
@@ -348,6 +434,15 @@ fn offline_run(request: Request, root: &Path) -> Result<()> {
             let h = engine.history()?;
             show(&h, json, |v| render_history(v))
         }
+        Request::Rollback => write_out(&format!("{}.\n", engine.rollback()?)),
+        Request::Mark { good } => write_out(&format!("{}.\n", engine.mark_booted(good)?)),
+        Request::Health { json, wait } => {
+            if wait {
+                bail!("--wait needs tandemd: offline, nothing assesses this boot")
+            }
+            show(&engine.status(), json, render_health)
+        }
+        Request::Metrics => write_out(&engine.metrics()),
     }
 }
 
@@ -448,6 +543,33 @@ async fn daemon_run(request: Request) -> Result<()> {
             let h: Vec<HistoryEvent> =
                 serde_json::from_str(&text).context("tandemd sent an unreadable history")?;
             show(&h, json, |h| render_history(h))
+        }
+        Request::Rollback => {
+            let m: String = p.call("Rollback", &()).await.map_err(bus_error)?;
+            write_out(&format!("{m}.\n"))
+        }
+        Request::Mark { good } => {
+            let method = if good { "MarkGood" } else { "MarkBad" };
+            let m: String = p.call(method, &()).await.map_err(bus_error)?;
+            write_out(&format!("{m}.\n"))
+        }
+        Request::Health { json, wait } => {
+            let s = loop {
+                let s = get_status(&p).await?;
+                if !wait || health_done(&s).is_some() {
+                    break s;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            };
+            show(&s, json, render_health)?;
+            if wait && health_done(&s) == Some(false) {
+                bail!("this boot's health assessment: {}", s.health);
+            }
+            Ok(())
+        }
+        Request::Metrics => {
+            let m: String = p.call("GetMetrics", &()).await.map_err(bus_error)?;
+            write_out(&m)
         }
     }
 }

@@ -37,8 +37,8 @@ use crate::fetch::{self, FetchError, FetchPolicy, Fetcher, RangeReader, Url};
 use crate::machine::{self, BadTransition, Event, UpdateState};
 use crate::slotctl::{self, Target};
 use crate::state::{
-    Assessment, CheckRecord, ErrorRecord, HistoryEvent, Job, PayloadKind, PayloadSource,
-    Persisted, Staged, StateDir, StateError,
+    Assessment, CheckRecord, ErrorRecord, HistoryEvent, Job, PayloadKind, PayloadSource, Persisted,
+    Staged, StateDir, StateError,
 };
 
 pub use boot::RebootStatus;
@@ -536,7 +536,7 @@ impl Engine {
     }
 
     fn record(&self, kind: &str, version: Option<&str>, message: String) {
-        self.record_with_output(kind, version, message, None);
+        self.record_event(kind, version, message, None, false);
     }
 
     fn record_with_output(
@@ -546,6 +546,22 @@ impl Engine {
         message: String,
         output: Option<String>,
     ) {
+        self.record_event(kind, version, message, output, false);
+    }
+
+    /// Records an event unless it repeats the last one (for retries).
+    fn record_once(&self, kind: &str, version: Option<&str>, message: String) {
+        self.record_event(kind, version, message, None, true);
+    }
+
+    fn record_event(
+        &self,
+        kind: &str,
+        version: Option<&str>,
+        message: String,
+        output: Option<String>,
+        collapse: bool,
+    ) {
         tracing::info!("{kind}: {message}");
         let event = HistoryEvent {
             time: now_text(),
@@ -554,7 +570,7 @@ impl Engine {
             message,
             output,
         };
-        if let Err(e) = self.dir.record(event) {
+        if let Err(e) = self.dir.record(event, collapse) {
             tracing::warn!("cannot record history: {e}");
         }
     }
@@ -768,7 +784,11 @@ impl Engine {
             EngineError::Cancelled => "cancelled",
             _ => "failed",
         };
-        self.record(kind, version, message.clone());
+        if matches!(error, EngineError::Blocked { .. }) {
+            self.record_once(kind, version, message.clone());
+        } else {
+            self.record(kind, version, message.clone());
+        }
         let cancelled = matches!(error, EngineError::Cancelled);
         let stopping = self.stopping.load(Ordering::SeqCst);
         let result = self.update(|p| {
@@ -883,11 +903,17 @@ impl Engine {
                 let result = self.choose(None, false).map(|(r, _)| r);
                 match &result {
                     Ok(r) => {
-                        let staged = lock(&self.persisted).staged.is_some();
-                        let event = if r.available.is_some() {
+                        let staged = lock(&self.persisted).staged.clone();
+                        // What is staged already is not news.
+                        let news = r.available.as_ref().filter(|v| {
+                            staged.as_ref().is_none_or(|s| &s.version != *v)
+                        });
+                        let event = if news.is_some() {
                             Event::UpdateFound
                         } else {
-                            Event::UpToDate { staged }
+                            Event::UpToDate {
+                                staged: staged.is_some(),
+                            }
                         };
                         self.advance(event)?;
                         self.record_check(r.available.as_deref())?;

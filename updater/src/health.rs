@@ -93,7 +93,9 @@ pub fn scripts(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
 
 fn keep_tail(bytes: &[u8]) -> String {
     let start = bytes.len().saturating_sub(OUTPUT_LIMIT);
-    String::from_utf8_lossy(&bytes[start..]).trim_end().to_owned()
+    String::from_utf8_lossy(&bytes[start..])
+        .trim_end()
+        .to_owned()
 }
 
 struct Clock {
@@ -119,7 +121,14 @@ impl Clock {
     }
 }
 
-fn result(kind: &str, name: &str, ok: bool, message: String, output: String, t: Instant) -> CheckResult {
+fn result(
+    kind: &str,
+    name: &str,
+    ok: bool,
+    message: String,
+    output: String,
+    t: Instant,
+) -> CheckResult {
     CheckResult {
         kind: kind.into(),
         name: name.into(),
@@ -236,7 +245,14 @@ fn check_unit(
         match state.as_deref() {
             Ok("active") => return result("unit", unit, true, "active".into(), String::new(), t),
             Ok("failed") => {
-                return result("unit", unit, false, "the unit failed".into(), String::new(), t)
+                return result(
+                    "unit",
+                    unit,
+                    false,
+                    "the unit failed".into(),
+                    String::new(),
+                    t,
+                )
             }
             _ => {}
         }
@@ -338,7 +354,9 @@ fn check_script(
     // Something it started outside its process group may hold the pipe.
     let output = keep_tail(&rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default());
     match (status, why_killed) {
-        (Some(s), _) if s.success() => result("script", &name, true, "exit status 0".into(), output, t),
+        (Some(s), _) if s.success() => {
+            result("script", &name, true, "exit status 0".into(), output, t)
+        }
         (Some(s), _) => fail(format!("it failed: {s}"), output),
         (None, Some(why)) => fail(why, output),
         (None, None) => fail("it vanished".into(), output),
@@ -354,11 +372,20 @@ fn check_http(url: &str, clock: &Clock, retry: Duration, cancel: &AtomicBool) ->
     {
         Ok(c) => c,
         Err(e) => {
-            return result("http", url, false, format!("cannot make a client: {e}"), String::new(), t)
+            return result(
+                "http",
+                url,
+                false,
+                format!("cannot make a client: {e}"),
+                String::new(),
+                t,
+            )
         }
     };
     loop {
-        let each = Duration::from_secs(10).min(clock.left()).max(Duration::from_millis(100));
+        let each = Duration::from_secs(10)
+            .min(clock.left())
+            .max(Duration::from_millis(100));
         let (message, body) = match client.get(url).timeout(each).send() {
             Ok(response) => {
                 let status = response.status();
@@ -479,7 +506,10 @@ mod tests {
         let out = run(&config(vec![dir.clone()]), &env, &none, &cancel);
         assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
         let f = out.failure().unwrap();
-        assert!(f.message.contains("deadline (2s) passed while it ran"), "{f:?}");
+        assert!(
+            f.message.contains("deadline (2s) passed while it ran"),
+            "{f:?}"
+        );
         assert_eq!(f.output, "started");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -497,7 +527,10 @@ mod tests {
         let slow = Units(vec![("containerd.service", "activating")]);
         let out = run(&c, &[], &slow, &cancel);
         let m = &out.failure().unwrap().message;
-        assert!(m.contains("deadline") && m.contains("still activating"), "{m}");
+        assert!(
+            m.contains("deadline") && m.contains("still activating"),
+            "{m}"
+        );
         let missing = Units(vec![]);
         let out = run(&c, &[], &missing, &cancel);
         assert!(out.failure().unwrap().message.contains("not loaded"));

@@ -210,8 +210,17 @@ mod tests {
             next(S::UpdatedNeedReboot, Event::BootChanged { staged: false }).unwrap(),
             S::Idle
         );
-        for from in [S::Checking, S::Downloading, S::Verifying, S::Finalizing, S::ReportingError] {
-            assert!(next(from, Event::BootChanged { staged: true }).is_err(), "{from:?}");
+        for from in [
+            S::Checking,
+            S::Downloading,
+            S::Verifying,
+            S::Finalizing,
+            S::ReportingError,
+        ] {
+            assert!(
+                next(from, Event::BootChanged { staged: true }).is_err(),
+                "{from:?}"
+            );
         }
     }
 

@@ -77,7 +77,11 @@ pub fn render(s: &Status, config: &Config) -> String {
         "gauge",
         "1 when a staged update waits for a reboot.",
     );
-    let _ = writeln!(out, "tandem_reboot_required {}", u8::from(s.reboot_required));
+    let _ = writeln!(
+        out,
+        "tandem_reboot_required {}",
+        u8::from(s.reboot_required)
+    );
     header(
         &mut out,
         "tandem_booted_slot_good",

@@ -107,8 +107,12 @@ pub fn validate(r: &config::Reboot) -> Result<(), String> {
 /// Whether a window is open now, or when the next one opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WindowState {
-    Open { closes: Timestamp },
-    Closed { opens: Timestamp },
+    Open {
+        closes: Timestamp,
+    },
+    Closed {
+        opens: Timestamp,
+    },
     /// No window has a day (cannot happen after [`parse_window`]).
     Never,
 }
@@ -330,7 +334,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// The node's id for fleetlock: derived from the machine id (which should
 /// not leave the node), like systemd's app-specific ids. Pure.
 pub fn fleetlock_id(machine_id: &str) -> String {
-    let digest = payload::digest::sha256(format!("tandem-fleetlock:{}", machine_id.trim()).as_bytes());
+    let digest =
+        payload::digest::sha256(format!("tandem-fleetlock:{}", machine_id.trim()).as_bytes());
     digest.to_string()[..32].to_owned()
 }
 
@@ -441,8 +446,14 @@ mod tests {
         let utc = TimeZone::UTC;
         let now = at(&utc, 2026, 11, 24, 12, 0);
         let w = [window(&["Wed"], "03:00", 60)];
-        assert_eq!(plan(RebootStrategy::Immediate, &now, &w), RebootPlan::Reboot);
-        assert_eq!(plan(RebootStrategy::Fleetlock, &now, &w), RebootPlan::Reboot);
+        assert_eq!(
+            plan(RebootStrategy::Immediate, &now, &w),
+            RebootPlan::Reboot
+        );
+        assert_eq!(
+            plan(RebootStrategy::Fleetlock, &now, &w),
+            RebootPlan::Reboot
+        );
         assert!(matches!(
             plan(RebootStrategy::Off, &now, &w),
             RebootPlan::LeaveToOperator { .. }
@@ -462,7 +473,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let inside = at(&utc, 2026, 11, 25, 3, 59);
-        assert_eq!(plan(RebootStrategy::Window, &inside, &w), RebootPlan::Reboot);
+        assert_eq!(
+            plan(RebootStrategy::Window, &inside, &w),
+            RebootPlan::Reboot
+        );
     }
 
     #[test]

@@ -280,17 +280,19 @@ impl StateDir {
         }
     }
 
-    /// Appends an event, dropping the oldest beyond [`HISTORY_LIMIT`]. An
-    /// event that repeats the last one (kind, version and message) is not
-    /// added again, so a failure that recurs every hour does not push the
-    /// rest out.
-    pub fn record(&self, event: HistoryEvent) -> Result<(), StateError> {
+    /// Appends an event, dropping the oldest beyond [`HISTORY_LIMIT`].
+    /// With `collapse`, an event that repeats the last one (kind, version
+    /// and message) is not added again, so a retry every minute (a refused
+    /// lock, a blocked version) does not push the rest out.
+    pub fn record(&self, event: HistoryEvent, collapse: bool) -> Result<(), StateError> {
         let path = self.history_file();
         // A damaged history is replaced rather than blocking updates.
         let mut events = self.history().unwrap_or_default();
-        if events.last().is_some_and(|l| {
-            l.kind == event.kind && l.version == event.version && l.message == event.message
-        }) {
+        if collapse
+            && events.last().is_some_and(|l| {
+                l.kind == event.kind && l.version == event.version && l.message == event.message
+            })
+        {
             return Ok(());
         }
         events.push(event);
@@ -342,13 +344,16 @@ mod tests {
         drop(lock);
         sd.lock().unwrap();
         for i in 0..HISTORY_LIMIT + 3 {
-            sd.record(HistoryEvent {
-                time: String::new(),
-                kind: "check".into(),
-                version: None,
-                message: i.to_string(),
-                output: None,
-            })
+            sd.record(
+                HistoryEvent {
+                    time: String::new(),
+                    kind: "check".into(),
+                    version: None,
+                    message: i.to_string(),
+                    output: None,
+                },
+                false,
+            )
             .unwrap();
         }
         let events = sd.history().unwrap();

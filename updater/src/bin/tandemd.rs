@@ -13,7 +13,9 @@ use clap::Parser;
 use tokio::sync::watch;
 use updater::config::{self, AutoMode};
 use updater::engine::{Engine, EngineError, Status, UpdateRequest, Wanted};
+use updater::health::UnitProbe;
 use updater::notify::notify;
+use updater::reboot::{CommandRebooter, Rebooter};
 use zbus::fdo;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
@@ -31,12 +33,117 @@ struct Args {
 
 struct Update1 {
     engine: Arc<Engine>,
+    /// Wakes the reboot strategy after something was staged.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 fn failed(e: EngineError) -> fdo::Error {
     match e {
         EngineError::Busy(_) => fdo::Error::LimitsExceeded(e.to_string()),
         e => fdo::Error::Failed(e.to_string()),
+    }
+}
+
+/// Runs a blocking engine call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> fdo::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| fdo::Error::Failed(e.to_string()))?
+        .map_err(failed)
+}
+
+/// Units' states, asked of systemd (`org.freedesktop.systemd1`) on the
+/// system bus, from the engine's blocking threads.
+struct SystemdUnits {
+    runtime: tokio::runtime::Handle,
+}
+
+impl UnitProbe for SystemdUnits {
+    fn active_state(&self, unit: &str) -> Result<String, String> {
+        self.runtime.block_on(async {
+            let conn = zbus::Connection::system()
+                .await
+                .map_err(|e| format!("the system bus: {e}"))?;
+            let manager = zbus::Proxy::new(
+                &conn,
+                "org.freedesktop.systemd1",
+                "/org/freedesktop/systemd1",
+                "org.freedesktop.systemd1.Manager",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let path: zbus::zvariant::OwnedObjectPath = manager
+                .call("LoadUnit", &(unit,))
+                .await
+                .map_err(|e| format!("systemd LoadUnit: {e}"))?;
+            let proxy = zbus::Proxy::new(
+                &conn,
+                "org.freedesktop.systemd1",
+                path,
+                "org.freedesktop.systemd1.Unit",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            proxy
+                .get_property::<String>("ActiveState")
+                .await
+                .map_err(|e| format!("systemd ActiveState: {e}"))
+        })
+    }
+}
+
+/// Reboots through logind (`RebootWithFlags` with
+/// `SD_LOGIND_ROOT_CHECK_INHIBITORS`), refusing while a shutdown inhibitor
+/// blocks, as `systemctl reboot --check-inhibitors=yes` does.
+struct LogindRebooter {
+    runtime: tokio::runtime::Handle,
+}
+
+const SD_LOGIND_ROOT_CHECK_INHIBITORS: u64 = 1;
+
+impl Rebooter for LogindRebooter {
+    fn reboot(&self, why: &str) -> Result<(), String> {
+        tracing::info!("asking logind to reboot: {why}");
+        self.runtime.block_on(async {
+            let conn = zbus::Connection::system()
+                .await
+                .map_err(|e| format!("the system bus: {e}"))?;
+            let logind = zbus::Proxy::new(
+                &conn,
+                "org.freedesktop.login1",
+                "/org/freedesktop/login1",
+                "org.freedesktop.login1.Manager",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let inhibitors: Vec<(String, String, String, String, u32, u32)> = logind
+                .call("ListInhibitors", &())
+                .await
+                .map_err(|e| format!("logind ListInhibitors: {e}"))?;
+            if let Some((_, who, why, ..)) = inhibitors.iter().find(|(what, _, _, mode, ..)| {
+                what.split(':').any(|w| w == "shutdown") && mode == "block"
+            }) {
+                return Err(format!("a shutdown inhibitor blocks it: {who} ({why})"));
+            }
+            logind
+                .call::<_, _, ()>("RebootWithFlags", &(SD_LOGIND_ROOT_CHECK_INHIBITORS,))
+                .await
+                .map_err(|e| format!("logind RebootWithFlags: {e}"))
+        })
+    }
+}
+
+fn rebooter(config: &config::Config) -> Arc<dyn Rebooter> {
+    if config.reboot.command.is_empty() {
+        Arc::new(LogindRebooter {
+            runtime: tokio::runtime::Handle::current(),
+        })
+    } else {
+        Arc::new(CommandRebooter {
+            command: config.reboot.command.clone(),
+        })
     }
 }
 
@@ -103,12 +210,55 @@ impl Update1 {
             wanted,
             allow_downgrade,
         };
+        let wake = self.wake.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = engine.update_with(ticket, &request) {
                 tracing::error!("update failed: {e}");
             }
+            wake.notify_one();
         });
         Ok(id)
+    }
+
+    /// Boots the other slot next when it is good (`updatectl rollback`);
+    /// the reboot strategy applies. Returns what was done.
+    async fn rollback(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> fdo::Result<String> {
+        require_root(conn, &header).await?;
+        let engine = self.engine.clone();
+        let message = blocking(move || engine.rollback()).await?;
+        self.wake.notify_one();
+        Ok(message)
+    }
+
+    /// Marks the booted slot good by hand.
+    async fn mark_good(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> fdo::Result<String> {
+        require_root(conn, &header).await?;
+        let engine = self.engine.clone();
+        blocking(move || engine.mark_booted(true)).await
+    }
+
+    /// Marks the booted slot bad by hand: the other boots next (no reboot).
+    async fn mark_bad(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> fdo::Result<String> {
+        require_root(conn, &header).await?;
+        let engine = self.engine.clone();
+        blocking(move || engine.mark_booted(false)).await
+    }
+
+    /// The metrics in Prometheus' text format.
+    async fn get_metrics(&self) -> String {
+        self.engine.metrics()
     }
 
     /// Stops the operation under way; returns whether there was one.
@@ -177,6 +327,20 @@ impl Update1 {
             .unwrap_or_default()
     }
 
+    /// An update waits for a reboot (the Kubernetes operator watches this
+    /// under the `kubernetes` strategy).
+    #[zbus(property)]
+    async fn reboot_required(&self) -> bool {
+        self.engine.status().reboot_required
+    }
+
+    /// This boot's assessment: `pending`, `running`, `not-needed`,
+    /// `passed`, `failed`, `marked-good` or `marked-bad`.
+    #[zbus(property)]
+    async fn health(&self) -> String {
+        self.engine.status().health
+    }
+
     #[zbus(property)]
     async fn last_error(&self) -> String {
         self.engine
@@ -222,6 +386,12 @@ async fn forward_changes(
         if now.last_error != last.last_error {
             this.last_error_changed(emitter).await?;
         }
+        if now.reboot_required != last.reboot_required {
+            this.reboot_required_changed(emitter).await?;
+        }
+        if now.health != last.health {
+            this.health_changed(emitter).await?;
+        }
         drop(this);
         last = now;
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -229,8 +399,91 @@ async fn forward_changes(
     Ok(())
 }
 
+/// The start's assessment first (nothing else runs before the booted slot
+/// is judged), then the interrupted update, the schedule, the reboot
+/// strategy and the fleetlock release.
+async fn after_start(
+    engine: Arc<Engine>,
+    rebooter: Arc<dyn Rebooter>,
+    wake: Arc<tokio::sync::Notify>,
+) {
+    let units: Arc<dyn UnitProbe> = Arc::new(SystemdUnits {
+        runtime: tokio::runtime::Handle::current(),
+    });
+    {
+        let engine = engine.clone();
+        let rebooter = rebooter.clone();
+        match tokio::task::spawn_blocking(move || {
+            engine.start_boot(units.as_ref(), rebooter.as_ref())
+        })
+        .await
+        {
+            Ok(Ok(message)) => tracing::info!("boot assessment: {message}"),
+            Ok(Err(e)) => tracing::error!("boot assessment: {e}"),
+            Err(e) => tracing::error!("boot assessment task: {e}"),
+        }
+    }
+    if engine.has_pending_job() {
+        let engine = engine.clone();
+        let wake = wake.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(Err(e)) = engine.resume() {
+                tracing::error!("resuming the update failed: {e}");
+            }
+            wake.notify_one();
+        });
+    }
+    tokio::spawn(schedule(engine.clone(), wake.clone()));
+    tokio::spawn(release_fleetlock(engine.clone()));
+    reboot_loop(engine, rebooter, wake).await;
+}
+
+/// Steps the reboot strategy whenever something may have been staged, and
+/// when the strategy asks to be asked again.
+async fn reboot_loop(
+    engine: Arc<Engine>,
+    rebooter: Arc<dyn Rebooter>,
+    wake: Arc<tokio::sync::Notify>,
+) {
+    loop {
+        let step = {
+            let engine = engine.clone();
+            let rebooter = rebooter.clone();
+            tokio::task::spawn_blocking(move || engine.reboot_step(rebooter.as_ref())).await
+        };
+        match step {
+            Ok(Some(wait)) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = wake.notified() => {}
+                }
+            }
+            Ok(None) => wake.notified().await,
+            Err(e) => {
+                tracing::error!("reboot strategy task: {e}");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        }
+    }
+}
+
+/// Gives a held fleetlock slot back once the node is healthy.
+async fn release_fleetlock(engine: Arc<Engine>) {
+    loop {
+        let engine = engine.clone();
+        match tokio::task::spawn_blocking(move || engine.release_fleetlock()).await {
+            Ok(Some(wait)) => tokio::time::sleep(wait).await,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!("fleetlock task: {e}");
+                return;
+            }
+        }
+    }
+}
+
 /// Periodic checks (or updates), with jitter, as the schedule says.
-async fn schedule(engine: Arc<Engine>) {
+async fn schedule(engine: Arc<Engine>, wake: Arc<tokio::sync::Notify>) {
     let s = engine.config().schedule.clone();
     if s.mode == AutoMode::Off {
         tracing::info!("automatic checks are off");
@@ -257,7 +510,7 @@ async fn schedule(engine: Arc<Engine>) {
         match result {
             Ok(Err(e)) => tracing::warn!("scheduled {:?}: {e}", s.mode),
             Err(e) => tracing::error!("scheduled task: {e}"),
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => wake.notify_one(),
         }
     }
 }
@@ -289,6 +542,8 @@ async fn run(args: Args) -> Result<()> {
     )
     .with_context(|| format!("opening the engine state in {}", state_dir.display()))?;
     let engine = Arc::new(engine);
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let rebooter = rebooter(engine.config());
     let builder = if args.session {
         zbus::connection::Builder::session()
     } else {
@@ -302,6 +557,7 @@ async fn run(args: Args) -> Result<()> {
             updater::bus::PATH,
             Update1 {
                 engine: engine.clone(),
+                wake: wake.clone(),
             },
         )
         .context("serving the object")?
@@ -327,15 +583,7 @@ async fn run(args: Args) -> Result<()> {
             }
         }
     });
-    if engine.has_pending_job() {
-        let engine = engine.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Some(Err(e)) = engine.resume() {
-                tracing::error!("resuming the update failed: {e}");
-            }
-        });
-    }
-    tokio::spawn(schedule(engine.clone()));
+    tokio::spawn(after_start(engine.clone(), rebooter, wake));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

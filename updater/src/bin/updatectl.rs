@@ -62,6 +62,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Boot the other slot next, when it is marked good (the reboot
+    /// strategy then applies, as to an update).
+    Rollback,
+    /// Mark the booted slot good (ends its assessment).
+    MarkGood,
+    /// Mark the booted slot bad: the other slot boots next (no reboot).
+    MarkBad,
+    /// Show this boot's health assessment and the checks' results.
+    Health {
+        #[arg(long)]
+        json: bool,
+        /// Wait until the assessment is over; fail when it failed (for
+        /// tandem-health.service, before boot-complete.target).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print the Prometheus metrics (text format).
+    Metrics,
     /// Show the A/B slots of a disk and change which one boots next
     /// (daemon-free, like cgpt or bootctl).
     Slots(SlotsArgs),
@@ -193,6 +211,13 @@ fn main() -> ExitCode {
         ),
         Command::Cancel => client::run(Request::Cancel, cli.offline, &cli.root),
         Command::History { json } => client::run(Request::History { json }, cli.offline, &cli.root),
+        Command::Rollback => client::run(Request::Rollback, cli.offline, &cli.root),
+        Command::MarkGood => client::run(Request::Mark { good: true }, cli.offline, &cli.root),
+        Command::MarkBad => client::run(Request::Mark { good: false }, cli.offline, &cli.root),
+        Command::Health { json, wait } => {
+            client::run(Request::Health { json, wait }, cli.offline, &cli.root)
+        }
+        Command::Metrics => client::run(Request::Metrics, cli.offline, &cli.root),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

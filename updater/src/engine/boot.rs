@@ -49,7 +49,10 @@ pub enum Arrival {
     /// Still on the update on trial (the daemon restarted).
     StillOnTrial(Staged),
     /// Back on the other slot without the update having been marked good.
-    NeverBooted { update: Staged, reason: String },
+    NeverBooted {
+        update: Staged,
+        reason: String,
+    },
 }
 
 /// Decides [`Arrival`] from the persisted staged and trial updates, the
@@ -233,7 +236,10 @@ impl Engine {
         self.notify();
         let env = vec![
             ("TANDEM_SLOT".to_owned(), booted.to_string()),
-            ("TANDEM_VERSION".to_owned(), version.clone().unwrap_or_default()),
+            (
+                "TANDEM_VERSION".to_owned(),
+                version.clone().unwrap_or_default(),
+            ),
         ];
         let outcome = health::run(&self.config.health, &env, units, &self.cancel);
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
@@ -251,9 +257,11 @@ impl Engine {
         };
         let v = version.as_deref();
         let Some(failure) = outcome.failure().cloned().filter(|_| !outcome.passed) else {
-            let notes = self.open_slots(true)?.backend.mark_good(booted).map_err(|e| {
-                EngineError::Slots(format!("marking slot {booted} good: {e}"))
-            })?;
+            let notes = self
+                .open_slots(true)?
+                .backend
+                .mark_good(booted)
+                .map_err(|e| EngineError::Slots(format!("marking slot {booted} good: {e}")))?;
             notes.iter().for_each(|n| tracing::warn!("{n}"));
             let message = format!(
                 "{} health checks passed; slot {booted} marked good",
@@ -523,7 +531,8 @@ impl Engine {
                 Some(wait.clamp(Duration::from_secs(1), Duration::from_secs(3600)))
             }
             RebootPlan::Reboot => {
-                if cfg.strategy == RebootStrategy::Fleetlock && !lock(&self.persisted).fleetlock_held
+                if cfg.strategy == RebootStrategy::Fleetlock
+                    && !lock(&self.persisted).fleetlock_held
                 {
                     let Some(f) = self.fleetlock() else {
                         self.set_reboot_status("left-to-operator", "no fleetlock_url".into(), None);
@@ -536,12 +545,8 @@ impl Engine {
                             reboot::backoff(retry, live.reboot.attempt - 1)
                         };
                         let message = format!("no reboot slot yet: {e}");
-                        self.record("fleetlock", v, message.clone());
-                        self.set_reboot_status(
-                            "waiting",
-                            message,
-                            Some(SystemTime::now() + wait),
-                        );
+                        self.record_once("fleetlock", v, message.clone());
+                        self.set_reboot_status("waiting", message, Some(SystemTime::now() + wait));
                         return Some(wait);
                     }
                     if let Err(e) = self.update(|p| p.fleetlock_held = true) {
@@ -621,7 +626,7 @@ impl Engine {
                         live.reboot.release_attempt - 1,
                     )
                 };
-                self.record(
+                self.record_once(
                     "fleetlock",
                     None,
                     format!("cannot give the reboot slot back yet: {e}"),
@@ -659,7 +664,10 @@ mod tests {
         let s = staged("2.0.0", B);
         let st = |a, b| move |x: SlotName| if x == A { a } else { b };
         // Waiting for the reboot: B still has its try.
-        assert_eq!(arrival(Some(&s), None, A, st(Good, Trying)), Arrival::Nothing);
+        assert_eq!(
+            arrival(Some(&s), None, A, st(Good, Trying)),
+            Arrival::Nothing
+        );
         // Booted into it.
         assert_eq!(
             arrival(Some(&s), None, B, st(Good, Unbootable)),

@@ -1,0 +1,191 @@
+//! A fleetlock server on 127.0.0.1 for end-to-end tests, speaking the
+//! protocol Zincati speaks to Airlock: `POST /v1/pre-reboot` takes one of
+//! `slots` reboot slots of a group (409 when all are held by others),
+//! `POST /v1/steady-state` gives the caller's back. Both need the header
+//! `fleet-lock-protocol: true` and a JSON body
+//! `{"client_params":{"id":…,"group":…}}` (400 otherwise). It can start
+//! on a port chosen before it listens, so a test can show a client
+//! retrying while the server is down.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// One request the server answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockRequest {
+    pub path: String,
+    pub id: String,
+    pub group: String,
+    pub status: u16,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    holders: Vec<String>,
+    log: Vec<LockRequest>,
+}
+
+/// The server; stops when dropped.
+#[derive(Debug)]
+pub struct FleetlockServer {
+    port: u16,
+    slots: usize,
+    shared: Arc<Mutex<Shared>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// A free port on 127.0.0.1, for a server that starts later.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl FleetlockServer {
+    /// Listens on `port` with `slots` reboot slots.
+    pub fn start(port: u16, slots: usize) -> FleetlockServer {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let shared = shared.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let shared = shared.clone();
+                    std::thread::spawn(move || {
+                        let _ = handle(conn, slots, &shared);
+                    });
+                }
+            });
+        }
+        FleetlockServer {
+            port,
+            slots,
+            shared,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Holds a slot for another node.
+    pub fn hold(&self, id: &str) {
+        let mut s = self.shared.lock().unwrap();
+        assert!(s.holders.len() < self.slots, "no slot left to hold");
+        s.holders.push(id.to_owned());
+    }
+
+    pub fn release(&self, id: &str) {
+        self.shared.lock().unwrap().holders.retain(|h| h != id);
+    }
+
+    pub fn holders(&self) -> Vec<String> {
+        self.shared.lock().unwrap().holders.clone()
+    }
+
+    pub fn log(&self) -> Vec<LockRequest> {
+        self.shared.lock().unwrap().log.clone()
+    }
+}
+
+impl Drop for FleetlockServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn answer(conn: &mut TcpStream, status: u16, text: &str, body: &str) -> std::io::Result<()> {
+    write!(
+        conn,
+        "HTTP/1.1 {status} {text}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    conn.flush()
+}
+
+fn handle(mut conn: TcpStream, slots: usize, shared: &Mutex<Shared>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_owned();
+    let path = parts.next().unwrap_or("").to_owned();
+    let mut length = 0usize;
+    let mut protocol = false;
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header)?;
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = header.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "content-length" {
+                length = v.parse().unwrap_or(0);
+            }
+            if k == "fleet-lock-protocol" && v == "true" {
+                protocol = true;
+            }
+        }
+    }
+    let mut body = vec![0u8; length.min(1 << 16)];
+    reader.read_exact(&mut body)?;
+    let params: Option<(String, String)> = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            let p = v.get("client_params")?;
+            Some((
+                p.get("id")?.as_str()?.to_owned(),
+                p.get("group")?.as_str()?.to_owned(),
+            ))
+        });
+    let mut s = shared.lock().unwrap();
+    let (status, text, reply) = match (&*method, &*path, protocol, &params) {
+        (_, _, false, _) | (_, _, _, None) => (
+            400,
+            "Bad Request",
+            r#"{"kind":"bad_request","value":"fleet-lock-protocol header and client_params needed"}"#,
+        ),
+        ("POST", "/v1/pre-reboot", true, Some((id, _))) => {
+            if s.holders.contains(id) {
+                (200, "OK", "{}")
+            } else if s.holders.len() < slots {
+                s.holders.push(id.clone());
+                (200, "OK", "{}")
+            } else {
+                (
+                    409,
+                    "Conflict",
+                    r#"{"kind":"failed_lock","value":"all reboot slots are held"}"#,
+                )
+            }
+        }
+        ("POST", "/v1/steady-state", true, Some((id, _))) => {
+            s.holders.retain(|h| h != id);
+            (200, "OK", "{}")
+        }
+        _ => (404, "Not Found", r#"{"kind":"not_found","value":""}"#),
+    };
+    let (id, group) = params.unwrap_or_default();
+    s.log.push(LockRequest {
+        path,
+        id,
+        group,
+        status,
+    });
+    drop(s);
+    answer(&mut conn, status, text, reply)
+}
