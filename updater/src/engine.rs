@@ -905,9 +905,10 @@ impl Engine {
                     Ok(r) => {
                         let staged = lock(&self.persisted).staged.clone();
                         // What is staged already is not news.
-                        let news = r.available.as_ref().filter(|v| {
-                            staged.as_ref().is_none_or(|s| &s.version != *v)
-                        });
+                        let news = r
+                            .available
+                            .as_ref()
+                            .filter(|v| staged.as_ref().is_none_or(|s| &s.version != *v));
                         let event = if news.is_some() {
                             Event::UpdateFound
                         } else {

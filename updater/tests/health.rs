@@ -357,7 +357,7 @@ fn fleetlock_reboots_once_the_lock_is_granted_and_releases_it_when_healthy() {
     // The other node lets go: the lock is taken, then the reboot.
     lock.release("other-node");
     wait_until("the reboot", &node, || !node.reboots().is_empty());
-    assert_eq!(lock.holders(), [refused.id.clone()]);
+    assert_eq!(lock.holders(), std::slice::from_ref(&refused.id));
     assert!(lock.log().iter().all(|r| r.path == "/v1/pre-reboot"));
 
     // After the reboot the lock stays held until the health check passed.
@@ -421,7 +421,7 @@ fn rollback_and_marks_go_through_the_daemon_and_are_recorded() {
     let s = node.status();
     assert_eq!(s["next_boot"], "A");
     assert_eq!(s["staged"]["version"], "1.0.0");
-    assert_eq!(node.disk.cgpt_prio(4).2, true, "B stays good");
+    assert!(node.disk.cgpt_prio(4).2, "B stays good");
     assert_eq!(node.reboot(["1.0.0", "2.0.0"]), "A");
     let s = node.wait_health();
     assert_eq!(s["health"], "passed", "{s}");
@@ -433,7 +433,7 @@ fn rollback_and_marks_go_through_the_daemon_and_are_recorded() {
     assert_eq!(node.status()["health"], "marked-bad");
     let out = node.ctl_ok(&["mark-good"]);
     assert!(out.contains("slot A marked good by hand"), "{out}");
-    assert_eq!(node.disk.cgpt_prio(3).2, true);
+    assert!(node.disk.cgpt_prio(3).2);
     let kinds: Vec<String> = node
         .history()
         .iter()

@@ -15,7 +15,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use bootconfig::backend::GptPrioBackend;
 use bootconfig::gpt::GptDisk;
 use bootconfig::slots::find_slots;
@@ -540,7 +540,7 @@ fn demo_on(bin: &Path, tool: &Path, dir: &Path) -> Result<()> {
 
     daemon_demo(bin, tool, dir, &v1)?;
     println!(
-        "\nNext issues add health checks and rollback after the reboot, and real reboots in a VM."
+        "\nThe next issue boots all of this for real in a VM (firmware, bootloader, kernel, reboots)."
     );
     Ok(())
 }
@@ -616,14 +616,27 @@ fn daemon_demo(bin: &Path, tool: &Path, dir: &Path, v1: &Path) -> Result<()> {
         "5e1ec7ed5e1ec7ed5e1ec7ed5e1ec7ed\n",
     )?;
     let conf = format!(
-        "state_dir = \"{state}\"\n[server]\nindex_url = \"{index}\"\n[slots]\ndisk = \"{disk}\"\n[keys]\ndirs = [\"{keys}\"]\n[system]\ncmdline = \"{n}/cmdline\"\nos_release = \"{n}/os-release\"\nmachine_id = \"{n}/machine-id\"\n[schedule]\nmode = \"off\"\n[apply]\ncheckpoint_mib = 4\n",
+        "state_dir = \"{state}\"\n[server]\nindex_url = \"{index}\"\n[slots]\ndisk = \"{disk}\"\n[keys]\ndirs = [\"{keys}\"]\n[system]\ncmdline = \"{n}/cmdline\"\nos_release = \"{n}/os-release\"\nmachine_id = \"{n}/machine-id\"\nboot_id = \"{n}/boot_id\"\n[schedule]\nmode = \"off\"\n[apply]\ncheckpoint_mib = 4\n[reboot]\nstrategy = \"immediate\"\n# The demo records the reboot instead of rebooting this machine.\ncommand = [\"sh\", \"-c\", \"echo \\\"reboot asked for: $TANDEM_REBOOT_REASON\\\" >> {n}/reboots\"]\nrequired_file = \"{n}/reboot-required\"\n[health]\ndirs = [\"{root}/etc/tandem/health.d\"]\ndeadline_seconds = 60\n",
         state = node.join("state").display(),
         index = server.url("stable.json"),
         disk = disk.path.display(),
         keys = keys.display(),
         n = node.display(),
+        root = root.display(),
     );
     fs::write(conf_dir.join("50-demo.toml"), &conf)?;
+    fs::write(node.join("boot_id"), "demo-boot-1\n")?;
+    let health_d = root.join("etc/tandem/health.d");
+    fs::create_dir_all(&health_d)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let check = health_d.join("50-containerd");
+        fs::write(
+            &check,
+            "#!/bin/sh\n# A stand-in for a real node check (containerd answers, pods run).\necho \"containers fine on $TANDEM_VERSION (slot $TANDEM_SLOT)\"\n",
+        )?;
+        fs::set_permissions(&check, fs::Permissions::from_mode(0o755))?;
+    }
     print!("{conf}");
 
     say("tandemd on a private system bus (with the shipped D-Bus policy)");
@@ -632,20 +645,28 @@ fn daemon_demo(bin: &Path, tool: &Path, dir: &Path, v1: &Path) -> Result<()> {
     let bus = tandem_testkit::dbus::DbusDaemon::start(&bus_dir);
     let tandemd = bin.with_file_name("tandemd");
     let log = node.join("tandemd.log");
-    let mut daemon = Command::new(&tandemd)
-        .arg("--root")
-        .arg(&root)
-        .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
-        .stderr(fs::File::create(&log)?)
-        .spawn()
-        .with_context(|| format!("starting {}", tandemd.display()))?;
+    let start = || -> Result<std::process::Child> {
+        Command::new(&tandemd)
+            .arg("--root")
+            .arg(&root)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
+            .stderr(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)?,
+            )
+            .spawn()
+            .with_context(|| format!("starting {}", tandemd.display()))
+    };
+    let mut daemon = start()?;
     let ctl = |args: &[&str]| -> Result<()> {
         println!("$ updatectl {}", args.join(" "));
         run(Command::new(bin)
             .args(args)
             .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address()))
     };
-    let result = (|| -> Result<()> {
+    let wait_up = || -> Result<()> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while !Command::new(bin)
             .arg("status")
@@ -659,6 +680,10 @@ fn daemon_demo(bin: &Path, tool: &Path, dir: &Path, v1: &Path) -> Result<()> {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        Ok(())
+    };
+    let mut result = (|| -> Result<()> {
+        wait_up()?;
         ctl(&["status"])?;
         let disk_path = disk.path.to_string_lossy().into_owned();
         updatectl(bin, &["slots", "--disk", &disk_path])?;
@@ -668,12 +693,55 @@ fn daemon_demo(bin: &Path, tool: &Path, dir: &Path, v1: &Path) -> Result<()> {
         ctl(&["status"])?;
         updatectl(bin, &["slots", "--disk", &disk_path])?;
         cgpt(&disk_path, "4", "USR-B")?;
-        ctl(&["history"])?;
-        say("What the daemon logged");
-        print!("{}", fs::read_to_string(&log)?);
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        println!("Strategy immediate; the reboot action (a recorder here) was called:");
+        print!(
+            "{}",
+            fs::read_to_string(node.join("reboots")).unwrap_or_default()
+        );
         Ok(())
     })();
     let _ = daemon.kill();
     let _ = daemon.wait();
+    if result.is_ok() {
+        result = (|| -> Result<()> {
+            say("The reboot (simulated): GRUB picks B and spends its try; tandemd starts on B");
+            let staged = Command::new(bin)
+                .args(["status", "--json", "--offline", "--root"])
+                .arg(&root)
+                .output()?;
+            let status: serde_json::Value = serde_json::from_slice(&staged.stdout)
+                .context("reading the status before the reboot")?;
+            let version = status["staged"]["version"]
+                .as_str()
+                .ok_or_else(|| anyhow!("nothing was staged"))?
+                .to_owned();
+            let booted = grub_boot(&disk.path)?;
+            let number = if booted == "USR-B" { 4 } else { 3 };
+            fs::write(
+                node.join("cmdline"),
+                format!("mount.usr=PARTUUID={} ro\n", disk.partuuid(number)),
+            )?;
+            fs::write(
+                node.join("os-release"),
+                format!("NAME=\"Azure Container Linux\"\nVERSION_ID={version}\n"),
+            )?;
+            fs::write(node.join("boot_id"), "demo-boot-2\n")?;
+            daemon = start()?;
+            wait_up()?;
+            say("tandemd assesses the new boot: health checks pass, slot B is marked good");
+            ctl(&["health", "--wait"])?;
+            ctl(&["status"])?;
+            let disk_path = disk.path.to_string_lossy().into_owned();
+            cgpt(&disk_path, "4", "USR-B")?;
+            ctl(&["history"])?;
+            ctl(&["metrics"])?;
+            say("What the daemon logged");
+            print!("{}", fs::read_to_string(&log)?);
+            Ok(())
+        })();
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+    }
     result
 }
