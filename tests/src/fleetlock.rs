@@ -51,22 +51,10 @@ impl FleetlockServer {
         let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let shared = Arc::new(Mutex::new(Shared::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        {
-            let shared = shared.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                for conn in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let shared = shared.clone();
-                    std::thread::spawn(move || {
-                        let _ = handle(conn, slots, &shared);
-                    });
-                }
-            });
-        }
+        let state = shared.clone();
+        crate::http::accept_loop(listener, stop.clone(), move |conn| {
+            let _ = handle(conn, slots, &state);
+        });
         FleetlockServer {
             port,
             slots,

@@ -58,23 +58,10 @@ impl HttpServer {
         let shared = Arc::new(Mutex::new(Shared::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let root = root.to_owned();
-        {
-            let shared = shared.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                for conn in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let shared = shared.clone();
-                    let root = root.clone();
-                    std::thread::spawn(move || {
-                        let _ = handle(conn, &root, &shared);
-                    });
-                }
-            });
-        }
+        let served = shared.clone();
+        accept_loop(listener, stop.clone(), move |conn| {
+            let _ = handle(conn, &root, &served);
+        });
         HttpServer { port, shared, stop }
     }
 
@@ -104,6 +91,26 @@ impl HttpServer {
     pub fn log_of(&self, path: &str) -> Vec<Served> {
         self.log().into_iter().filter(|s| s.path == path).collect()
     }
+}
+
+/// Serves each connection on its own thread until `stop` is set (the
+/// owner then connects once to wake the loop).
+pub(crate) fn accept_loop(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    serve: impl Fn(TcpStream) + Send + Sync + 'static,
+) {
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let Ok(conn) = conn else { continue };
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(conn));
+        }
+    });
 }
 
 impl Drop for HttpServer {

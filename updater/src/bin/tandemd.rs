@@ -19,6 +19,7 @@ use updater::reboot::{CommandRebooter, Rebooter};
 use zbus::fdo;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
+use zbus::zvariant::ObjectPath;
 
 #[derive(Debug, Parser)]
 #[command(name = "tandemd", version, about = "The tandem update daemon")]
@@ -60,34 +61,40 @@ struct SystemdUnits {
     runtime: tokio::runtime::Handle,
 }
 
+/// A proxy for a system service's object, on a new system bus connection.
+async fn system_proxy(
+    destination: &'static str,
+    path: ObjectPath<'static>,
+    interface: &'static str,
+) -> Result<zbus::Proxy<'static>, String> {
+    let conn = zbus::Connection::system()
+        .await
+        .map_err(|e| format!("the system bus: {e}"))?;
+    zbus::Proxy::new(&conn, destination, path, interface)
+        .await
+        .map_err(|e| format!("{destination}: {e}"))
+}
+
 impl UnitProbe for SystemdUnits {
     fn active_state(&self, unit: &str) -> Result<String, String> {
         self.runtime.block_on(async {
-            let conn = zbus::Connection::system()
-                .await
-                .map_err(|e| format!("the system bus: {e}"))?;
-            let manager = zbus::Proxy::new(
-                &conn,
+            let manager = system_proxy(
                 "org.freedesktop.systemd1",
-                "/org/freedesktop/systemd1",
+                ObjectPath::from_static_str_unchecked("/org/freedesktop/systemd1"),
                 "org.freedesktop.systemd1.Manager",
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
             let path: zbus::zvariant::OwnedObjectPath = manager
                 .call("LoadUnit", &(unit,))
                 .await
                 .map_err(|e| format!("systemd LoadUnit: {e}"))?;
-            let proxy = zbus::Proxy::new(
-                &conn,
+            let unit = system_proxy(
                 "org.freedesktop.systemd1",
-                path,
+                path.into_inner(),
                 "org.freedesktop.systemd1.Unit",
             )
-            .await
-            .map_err(|e| e.to_string())?;
-            proxy
-                .get_property::<String>("ActiveState")
+            .await?;
+            unit.get_property::<String>("ActiveState")
                 .await
                 .map_err(|e| format!("systemd ActiveState: {e}"))
         })
@@ -107,17 +114,12 @@ impl Rebooter for LogindRebooter {
     fn reboot(&self, why: &str) -> Result<(), String> {
         tracing::info!("asking logind to reboot: {why}");
         self.runtime.block_on(async {
-            let conn = zbus::Connection::system()
-                .await
-                .map_err(|e| format!("the system bus: {e}"))?;
-            let logind = zbus::Proxy::new(
-                &conn,
+            let logind = system_proxy(
                 "org.freedesktop.login1",
-                "/org/freedesktop/login1",
+                ObjectPath::from_static_str_unchecked("/org/freedesktop/login1"),
                 "org.freedesktop.login1.Manager",
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
             let inhibitors: Vec<(String, String, String, String, u32, u32)> = logind
                 .call("ListInhibitors", &())
                 .await

@@ -242,8 +242,11 @@ impl Engine {
             ),
         ];
         let outcome = health::run(&self.config.health, &env, units, &self.cancel);
-        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            // Not recorded: the next start assesses again.
+        let stopped = self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+            || self.cancel.load(std::sync::atomic::Ordering::SeqCst);
+        if stopped {
+            // A shutdown or `updatectl cancel` is no verdict: nothing is
+            // marked or recorded, and the next start assesses again.
             return Err(EngineError::Cancelled);
         }
         let assessment = |result: &str| Assessment {
