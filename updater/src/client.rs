@@ -220,12 +220,15 @@ pub fn render_health(s: &Status) -> String {
 fn health_done(s: &Status) -> Option<bool> {
     match s.health.as_str() {
         "pending" | "running" => None,
-        "failed" | "marked-bad" => Some(false),
+        // Not assessed (cancelled, or the slots could not be read) is no
+        // pass: boot-complete.target must not bless the boot.
+        "failed" | "marked-bad" | "not-assessed" => Some(false),
         _ => Some(true),
     }
 }
 
-fn status_word(s: bootconfig::gptprio::SlotStatus) -> &'static str {
+/// A slot status in the words of `updatectl status`. Pure.
+pub fn status_word(s: bootconfig::gptprio::SlotStatus) -> &'static str {
     match s {
         bootconfig::gptprio::SlotStatus::Good => "good",
         bootconfig::gptprio::SlotStatus::Trying => "on trial",
@@ -485,11 +488,7 @@ async fn daemon_run(request: Request) -> Result<()> {
             let text: String = p.call("Check", &()).await.map_err(bus_error)?;
             let r: CheckReport =
                 serde_json::from_str(&text).context("tandemd sent an unreadable report")?;
-            if json {
-                print_json(&r)
-            } else {
-                write_out(&render_check(&r))
-            }
+            show(&r, json, render_check)
         }
         Request::Apply {
             version,

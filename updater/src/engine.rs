@@ -208,8 +208,9 @@ pub struct Status {
     pub last_result: Option<OperationResult>,
     /// The update booted into and being assessed.
     pub trial: Option<Staged>,
-    /// `pending`, `running`, `not-needed` (the booted slot was good), or
-    /// this boot's assessment: `passed`, `failed`, `marked-good`,
+    /// `pending`, `running`, `not-needed` (the booted slot was good),
+    /// `not-assessed` (the start's assessment was cancelled or could not
+    /// run), or this boot's assessment: `passed`, `failed`, `marked-good`,
     /// `marked-bad`.
     pub health: String,
     /// The last assessment (this boot's or an earlier one).
@@ -509,17 +510,17 @@ impl Engine {
     }
 
     fn notify(&self) {
-        let status = self.status();
-        self.write_metrics(&status);
-        (self.observer)(&status);
+        (self.observer)(&self.status());
     }
 
-    /// Rewrites the textfile-collector file when the metrics changed.
-    fn write_metrics(&self, status: &Status) {
+    /// Rewrites the textfile-collector file when the metrics changed. The
+    /// metrics come from the persisted state and the slots, so this runs
+    /// when those change, not on every progress tick.
+    fn write_metrics(&self) {
         let Some(path) = &self.config.metrics.textfile else {
             return;
         };
-        let text = crate::metrics::render(status, &self.config);
+        let text = crate::metrics::render(&self.status(), &self.config);
         let mut live = lock(&self.live);
         if live.metrics_written == text {
             return;
@@ -586,6 +587,7 @@ impl Engine {
                 *p = next;
             }
         }
+        self.write_metrics();
         self.notify();
         Ok(())
     }
@@ -671,6 +673,7 @@ impl Engine {
                 }
             }
         }
+        self.write_metrics();
         self.notify();
     }
 

@@ -215,7 +215,7 @@ impl Fetcher {
 }
 
 /// reqwest's error with its causes, on one line.
-fn describe(e: &reqwest::Error) -> String {
+pub fn describe(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {

@@ -396,16 +396,7 @@ fn check_http(url: &str, clock: &Clock, retry: Duration, cancel: &AtomicBool) ->
                 }
                 (format!("answered {status}"), body)
             }
-            Err(e) => {
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    text.push_str(": ");
-                    text.push_str(&s.to_string());
-                    source = s.source();
-                }
-                (text, String::new())
-            }
+            Err(e) => (crate::fetch::describe(&e), String::new()),
         };
         if clock.passed() || !pause(retry.min(clock.left()), cancel) {
             let message = if cancel.load(Ordering::SeqCst) {

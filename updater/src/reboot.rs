@@ -296,7 +296,7 @@ impl Fleetlock {
             .header("content-type", "application/json")
             .body(self.body())
             .send()
-            .map_err(|e| unreachable(error_chain(&e)))?;
+            .map_err(|e| unreachable(crate::fetch::describe(&e)))?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
@@ -318,17 +318,6 @@ impl Fleetlock {
     pub fn steady_state(&self) -> Result<(), FleetlockError> {
         self.post("v1/steady-state")
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The node's id for fleetlock: derived from the machine id (which should

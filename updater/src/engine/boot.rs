@@ -367,7 +367,7 @@ impl Engine {
                 if status != SlotStatus::Good {
                     return Err(EngineError::Refused(format!(
                         "refusing: slot {other} is {}, not good; there is no good slot to roll back to",
-                        status_word(status)
+                        crate::client::status_word(status)
                     )));
                 }
                 let notes = o
@@ -637,14 +637,6 @@ impl Engine {
                 Some(wait)
             }
         }
-    }
-}
-
-fn status_word(s: SlotStatus) -> &'static str {
-    match s {
-        SlotStatus::Good => "good",
-        SlotStatus::Trying => "on trial",
-        SlotStatus::Unbootable => "not bootable",
     }
 }
 
