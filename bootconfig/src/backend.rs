@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::bls::{self, BlsEntry, BlsError, BootCounter, EntriesDir, EntryStatus};
+use crate::bls::{self, BlsEntry, BlsError, BootCounter, EntriesDir, EntryStatus, NewEntry};
+use crate::bootfiles::{self, BootFiles, BootFilesError};
 use crate::cmdline;
 use crate::gpt::{GptDisk, GptError, PartitionEntry};
 use crate::gptprio::{self, GptPrio, SlotPair, SlotStatus, TransitionError};
@@ -28,6 +29,8 @@ pub enum BootError {
     Slot(#[from] SlotError),
     #[error(transparent)]
     Transition(#[from] TransitionError),
+    #[error(transparent)]
+    BootFiles(#[from] BootFilesError),
     #[error("slot {slot} has no boot entry in {dir}")]
     NoEntry { slot: SlotName, dir: PathBuf },
     #[error("slot {slot} has {count} boot entries in {dir}; expected one")]
@@ -90,6 +93,25 @@ pub trait BootBackend {
     fn mark_bad(&mut self, slot: SlotName) -> Result<Vec<String>, BootError>;
     /// Undoes a set next of the slot.
     fn cancel(&mut self, slot: SlotName) -> Result<Vec<String>, BootError>;
+    /// Whether a written slot's kernel must be installed (by [`install`])
+    /// before the slot can be set next. gptprio's GRUB reads it from the
+    /// slot itself.
+    ///
+    /// [`install`]: BootBackend::install
+    fn installs_boot_files(&self) -> bool {
+        false
+    }
+    /// Installs a written and verified slot's boot files and boot entry,
+    /// with no tries left: the slot boots only once set next.
+    fn install(
+        &mut self,
+        _slot: SlotName,
+        _version: &str,
+        _files: &BootFiles,
+        _root_arg: &str,
+    ) -> Result<Vec<String>, BootError> {
+        Ok(Vec::new())
+    }
 }
 
 /// gptprio: the state lives in the slots' GPT attribute words.
@@ -394,5 +416,62 @@ impl BootBackend for BlsBackend {
         self.require_other_bootable(slot)?;
         let done = self.entries[index].name.counter.map_or(0, |c| c.done);
         self.rename(index, Some(BootCounter { left: 0, done }))
+    }
+
+    fn installs_boot_files(&self) -> bool {
+        true
+    }
+
+    fn install(
+        &mut self,
+        slot: SlotName,
+        version: &str,
+        files: &BootFiles,
+        root_arg: &str,
+    ) -> Result<Vec<String>, BootError> {
+        // Any old entry of the slot goes first, so nothing points at the
+        // files while they are replaced.
+        self.clear(slot)?;
+        let installed = bootfiles::install(&self.dir.esp(), slot, files)?;
+        let partuuid = self.slots[slot.index()].partuuid;
+        let entry = slot_entry(
+            slot,
+            version,
+            files,
+            &installed,
+            &format!("{root_arg}=PARTUUID={partuuid}"),
+        );
+        self.dir.write(
+            &bootfiles::entry_stem(slot),
+            Some(BootCounter { left: 0, done: 0 }),
+            &entry,
+        )?;
+        self.entries = self.dir.read()?;
+        Ok(Vec::new())
+    }
+}
+
+/// The entry that boots a slot's installed files: one sort key for all of
+/// tandem's entries, so systemd-boot orders them by version. Pure.
+pub fn slot_entry(
+    slot: SlotName,
+    version: &str,
+    files: &BootFiles,
+    installed: &bootfiles::Installed,
+    root: &str,
+) -> NewEntry {
+    let name = files.os_name.as_deref().unwrap_or("tandem");
+    let options = if files.cmdline.is_empty() {
+        root.to_string()
+    } else {
+        format!("{root} {}", files.cmdline)
+    };
+    NewEntry {
+        title: format!("{name} {version} (slot {slot})"),
+        version: version.to_string(),
+        sort_key: "tandem".to_string(),
+        linux: installed.linux.clone(),
+        initrd: installed.initrd.iter().cloned().collect(),
+        options,
     }
 }

@@ -313,6 +313,10 @@ impl EntriesDir {
         }
     }
 
+    pub fn esp(&self) -> PathBuf {
+        self.esp.clone()
+    }
+
     pub fn dir(&self) -> PathBuf {
         self.esp.join("loader").join("entries")
     }

@@ -7,7 +7,7 @@ use crate::SlotName;
 /// Keys that name the `/usr` or root device, most specific first. Flatcar
 /// boots with `mount.usr=/dev/mapper/usr verity.usr=PARTUUID=…`, so
 /// `verity.usr` is asked when `mount.usr` names no partition.
-const DEVICE_KEYS: [&str; 4] = ["mount.usr", "verity.usr", "usr", "root"];
+pub const ROOT_ARGS: [&str; 4] = ["mount.usr", "verity.usr", "usr", "root"];
 
 /// Splits a kernel command line into words, honouring double quotes the way
 /// the kernel does (`key="a b"` is one word, quotes removed).
@@ -45,7 +45,7 @@ pub fn partuuid_of(spec: &str) -> Option<Guid> {
 /// a key wins, as in the kernel and systemd. Pure.
 pub fn booted_partuuid(cmdline: &str) -> Option<Guid> {
     let words = words(cmdline);
-    DEVICE_KEYS.iter().find_map(|key| {
+    ROOT_ARGS.iter().find_map(|key| {
         words
             .iter()
             .rev()

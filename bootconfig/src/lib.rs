@@ -5,6 +5,8 @@
 //! - [`cmdline`]: which slot the kernel was booted from.
 //! - [`gptprio`]: GRUB `gptprio.next` rules over GPT attribute bits.
 //! - [`bls`]: Boot Loader Specification entries with systemd-boot boot counting.
+//! - [`bootfiles`]: a slot's kernel, initrd and command line, read from its
+//!   image and installed on the ESP.
 //! - [`backend`]: the one small interface both boot backends implement.
 //!
 //! Decisions (transitions, boot order) are pure functions over data; the I/O
@@ -12,6 +14,7 @@
 
 pub mod backend;
 pub mod bls;
+pub mod bootfiles;
 pub mod cmdline;
 pub mod gpt;
 pub mod gptprio;

@@ -208,3 +208,122 @@ fn bls_entries_are_listed_by_bootctl_as_expected() {
         "unchanged"
     );
 }
+
+/// An ext4 filesystem made by `mkfs.ext4 -d` from `root`, written into
+/// partition `number` of the image (and nowhere else).
+fn mkfs_into_partition(image: &DiskImage, number: u32, root: &std::path::Path) {
+    let start = image.cgpt_field(number, "-b").parse::<u64>().unwrap() * 512;
+    let size = image.cgpt_field(number, "-s").parse::<u64>().unwrap() * 512;
+    tandem_testkit::run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-E",
+            &format!("offset={start}"),
+            "-d",
+            root.to_str().unwrap(),
+            image.path_str(),
+            &(size / 4096).to_string(),
+        ],
+    );
+}
+
+#[test]
+fn boot_files_are_read_from_the_slot_image_and_installed_on_the_esp() {
+    let dir = TempDir::new("bootfiles-disk");
+    let image = DiskImage::flatcar(dir.path());
+    // A Debian-style root for slot B: kernel and initrd in /boot, the
+    // command line in /etc/kernel/cmdline.
+    let root = dir.path().join("root");
+    for sub in ["boot", "etc/kernel", "usr/lib"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    let kernel = tandem_testkit::noise(7, 300_000);
+    let initrd = tandem_testkit::noise(8, 100_000);
+    std::fs::write(root.join("boot/vmlinuz-6.1.0-9-cloud-amd64"), &kernel).unwrap();
+    std::fs::write(root.join("boot/initrd.img-6.1.0-9-cloud-amd64"), &initrd).unwrap();
+    std::fs::write(
+        root.join("etc/kernel/cmdline"),
+        "console=ttyS0\n  panic=5\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("usr/lib/os-release"),
+        "NAME=\"Azure Container Linux\"\n",
+    )
+    .unwrap();
+    mkfs_into_partition(&image, 4, &root);
+    let before = image.bytes();
+
+    let esp = BindMount::new("bootfiles-esp");
+    let entries = EntriesDir::new(esp.path());
+    // A boots 1.0.0 from an entry of its own.
+    entries
+        .write("tandem-a", None, &slot_entry("1.0.0", &image.partuuid(3)))
+        .unwrap();
+    let disk = GptDisk::open(&image.path).unwrap();
+    let slots = slots_of(&disk);
+    let b = slots[1].clone();
+    let files = bootconfig::bootfiles::read_from_image(&image.path, b.offset, b.size).unwrap();
+    assert_eq!(files.kernel, kernel);
+    assert_eq!(files.initrd.as_deref(), Some(&initrd[..]));
+    assert_eq!(files.cmdline, "console=ttyS0 panic=5");
+
+    let mut backend = BlsBackend::open(entries.clone(), slots.clone()).unwrap();
+    assert!(backend.installs_boot_files());
+    backend
+        .install(SlotName::B, "2.0.0", &files, "root")
+        .unwrap();
+    assert_eq!(
+        image.bytes(),
+        before,
+        "reading boot files writes nothing to the disk"
+    );
+    assert_eq!(
+        std::fs::read(esp.path().join("tandem/slot-b/vmlinuz")).unwrap(),
+        kernel
+    );
+    assert_eq!(
+        std::fs::read(esp.path().join("tandem/slot-b/initrd")).unwrap(),
+        initrd
+    );
+    // Installed but not set next: no tries, so A still boots.
+    assert_eq!(backend.next_boot(), Some(SlotName::A));
+    let listed = bootctl_entries(&esp.bootctl_list());
+    let b_entry = listed
+        .iter()
+        .find(|e| e["title"].contains("2.0.0"))
+        .expect("bootctl lists B's entry");
+    assert_eq!(b_entry["tries"], "0 left");
+    assert_eq!(b_entry["linux"], "/tandem/slot-b/vmlinuz");
+    assert_eq!(
+        b_entry["options"],
+        format!("root=PARTUUID={} console=ttyS0 panic=5", image.partuuid(4))
+    );
+    assert!(b_entry["title"].starts_with("Azure Container Linux 2.0.0 (slot B)"));
+
+    backend.set_next(SlotName::B, 1).unwrap();
+    assert_eq!(backend.next_boot(), Some(SlotName::B));
+    let listed = bootctl_entries(&esp.bootctl_list());
+    assert!(
+        listed[0]["title"].contains("2.0.0 (slot B) (default)"),
+        "{listed:?}"
+    );
+    assert_eq!(listed[0]["tries"], "1 left");
+
+    // Installing again replaces the files and the one entry; A's are untouched.
+    let a_entries = std::fs::read_dir(entries.dir()).unwrap().count();
+    backend
+        .install(SlotName::B, "2.0.1", &files, "root")
+        .unwrap();
+    assert_eq!(std::fs::read_dir(entries.dir()).unwrap().count(), a_entries);
+    assert_eq!(backend.next_boot(), Some(SlotName::A));
+
+    // A slot without a filesystem gets a clear error.
+    let a = slots[0].clone();
+    let err = bootconfig::bootfiles::read_from_image(&image.path, a.offset, a.size).unwrap_err();
+    assert!(err.to_string().contains("not a filesystem"), "{err}");
+}

@@ -158,6 +158,10 @@ pub struct Slots {
     pub boot_backend: BootBackendKind,
     /// The ESP, for `bls`.
     pub esp: Option<PathBuf>,
+    /// For `bls`: the kernel argument that names the slot's PARTUUID in the
+    /// entries tandem writes: `mount.usr` for a /usr slot, `root` for a
+    /// root slot.
+    pub root_arg: String,
 }
 
 impl Default for Slots {
@@ -168,6 +172,7 @@ impl Default for Slots {
             label_b: "USR-B".into(),
             boot_backend: BootBackendKind::Gptprio,
             esp: None,
+            root_arg: "mount.usr".into(),
         }
     }
 }
@@ -402,6 +407,13 @@ pub fn from_documents(docs: &[(PathBuf, String)]) -> Result<Config, ConfigError>
         .map_err(|e: toml::de::Error| {
             ConfigError::Invalid(e.to_string().trim().replace('\n', " "))
         })?;
+    if !bootconfig::cmdline::ROOT_ARGS.contains(&config.slots.root_arg.as_str()) {
+        return Err(ConfigError::Invalid(format!(
+            "slots.root_arg = {:?}: want one of {}",
+            config.slots.root_arg,
+            bootconfig::cmdline::ROOT_ARGS.join(", ")
+        )));
+    }
     if config.slots.boot_backend == BootBackendKind::Bls && config.slots.esp.is_none() {
         return Err(ConfigError::Invalid(
             "slots.boot_backend = \"bls\" needs slots.esp".into(),

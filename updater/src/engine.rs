@@ -1310,6 +1310,31 @@ impl Engine {
         {
             let mut o = slotctl::open(&self.target(), true)
                 .map_err(|e| EngineError::Slots(format!("{e:#}")))?;
+            if o.backend.installs_boot_files() {
+                // Read from the slot just verified, so the kernel booted is
+                // the one the payload's signature covers.
+                let slot = &o.slots[job.slot.index()];
+                let files =
+                    bootconfig::bootfiles::read_from_image(&o.disk_path, slot.offset, slot.size)
+                        .map_err(|e| {
+                            EngineError::Slots(format!("slot {}'s boot files: {e}", job.slot))
+                        })?;
+                let notes = o
+                    .backend
+                    .install(job.slot, &version, &files, &self.config.slots.root_arg)
+                    .map_err(|e| {
+                        EngineError::Slots(format!(
+                            "installing slot {}'s boot files: {e}",
+                            job.slot
+                        ))
+                    })?;
+                notes.iter().for_each(|n| tracing::warn!("{n}"));
+                tracing::info!(
+                    "installed kernel {} of slot {} and its boot entry",
+                    files.located.kernel_version,
+                    job.slot
+                );
+            }
             let notes = o
                 .backend
                 .set_next(job.slot, 1)
