@@ -73,8 +73,9 @@ impl Binaries {
 /// What the tests boot.
 #[derive(Debug, Clone)]
 pub struct Built {
-    /// The A/B disk: 1.0.0 in slot A, good; slot B empty. Copy it before use.
-    pub disk: PathBuf,
+    /// The A/B disks by the version in slot A (1.0.0 and 2.0.0), good;
+    /// slot B empty. Copy one before use.
+    pub disks: Vec<(String, PathBuf)>,
     /// The read-only release disk: `stable.json`, its signature, payloads.
     pub release_disk: PathBuf,
     /// The slot images, by version.
@@ -167,7 +168,10 @@ pub fn build(cache: &Path, bins: &Binaries, say: &dyn Fn(&str)) -> Result<Built>
     hash_files(&mut inputs, &image_files)?;
     let set = cache.join(format!("set-{}", short_hash(&inputs)));
     let built = Built {
-        disk: set.join("disk.img"),
+        disks: ["1.0.0", "2.0.0"]
+            .iter()
+            .map(|v| (v.to_string(), set.join(format!("disk-{v}.img"))))
+            .collect(),
         release_disk: set.join("release.img"),
         images: VERSIONS
             .iter()
@@ -203,8 +207,16 @@ pub fn build(cache: &Path, bins: &Binaries, say: &dyn Fn(&str)) -> Result<Built>
     }
     say("payloads and the signed index");
     release_disk(&set, &built, bins, &key)?;
-    say("the A/B disk (1.0.0 in slot A)");
-    ab_disk(&set, &built)?;
+    for (version, disk) in &built.disks {
+        say(&format!("the A/B disk ({version} in slot A)"));
+        let image = built
+            .images
+            .iter()
+            .find(|(v, _)| v == version)
+            .map(|(_, p)| p.clone())
+            .with_context(|| format!("no image {version}"))?;
+        ab_disk(&set, &image, version, disk)?;
+    }
     fs::write(set.join("done"), inputs)?;
     Ok(built)
 }
@@ -426,10 +438,9 @@ fn mib(n: u64) -> u64 {
     n << 20
 }
 
-/// The A/B disk: GPT, ESP with systemd-boot and slot A's kernel and entry
-/// (installed by tandem's own code), 1.0.0 in slot A, an empty VAR.
-fn ab_disk(set: &Path, built: &Built) -> Result<()> {
-    let disk = &built.disk;
+/// An A/B disk: GPT, ESP with systemd-boot and slot A's kernel and entry
+/// (installed by tandem's own code), `version` in slot A, an empty VAR.
+fn ab_disk(set: &Path, image: &Path, version: &str, disk: &Path) -> Result<()> {
     let _ = fs::remove_file(disk);
     let total = mib(1) + mib(ESP_MIB) + 2 * mib(SLOT_MIB) + mib(VAR_MIB) + mib(1);
     fs::File::create(disk)?.set_len(total)?;
@@ -471,9 +482,8 @@ fn ab_disk(set: &Path, built: &Built) -> Result<()> {
             .with_context(|| format!("no partition {label}"))
     };
     let (esp_at, var_at) = (start_of("EFI-SYSTEM")?, start_of("VAR")?);
-    let v1 = &built.images[0].1;
     run(Command::new("dd")
-        .arg(format!("if={}", v1.display()))
+        .arg(format!("if={}", image.display()))
         .arg(format!("of={}", disk.display()))
         .args(["bs=1M", "conv=notrunc,sparse"])
         .arg(format!("seek={}", slots[0].offset >> 20)))?;
@@ -498,7 +508,7 @@ fn ab_disk(set: &Path, built: &Built) -> Result<()> {
     write_file(&esp.join("loader/loader.conf"), "timeout 0\nconsole-mode keep\neditor no\n")?;
     let files = bootfiles::read_from_image(disk, slots[0].offset, slots[0].size)?;
     let mut backend = BlsBackend::open(EntriesDir::new(&esp), slots.clone())?;
-    backend.install(SlotName::A, VERSIONS[0], &files, "root")?;
+    backend.install(SlotName::A, version, &files, "root")?;
     backend.mark_good(SlotName::A)?;
     let esp_img = set.join("esp.img");
     let _ = fs::remove_file(&esp_img);

@@ -226,14 +226,20 @@ pub struct Vm {
 
 impl Vm {
     /// A VM in `dir` (created; emptied of an earlier run's files) booting
-    /// a fresh copy of the built disk. Not started.
-    pub fn new(dir: &Path, built: &Built, options: VmOptions) -> Result<Vm> {
+    /// a fresh copy of the built disk with `version` in slot A. Not started.
+    pub fn new(dir: &Path, built: &Built, version: &str, options: VmOptions) -> Result<Vm> {
+        let template = built
+            .disks
+            .iter()
+            .find(|(v, _)| v == version)
+            .map(|(_, p)| p.clone())
+            .with_context(|| format!("no test disk starts from {version}"))?;
         fs::create_dir_all(dir)?;
         let disk = dir.join("disk.img");
         let _ = fs::remove_file(&disk);
         run(Command::new("cp")
             .arg("--sparse=always")
-            .arg(&built.disk)
+            .arg(&template)
             .arg(&disk))?;
         fs::copy(OVMF_VARS, dir.join("OVMF_VARS.fd"))
             .context("OVMF is missing: install Debian's ovmf")?;
@@ -369,23 +375,25 @@ impl Vm {
         Ok(())
     }
 
-    /// Waits for the first report of a boot not in `seen`, within one
-    /// boot's timeout (times `boots`, for boots expected on the way).
-    pub fn wait_report(&mut self, seen: &[String], boots: u32) -> Result<Report> {
+    /// Waits for the first report `pred` accepts, within one boot's
+    /// timeout times `boots` (the boots expected on the way).
+    pub fn wait_report(
+        &mut self,
+        boots: u32,
+        what: &str,
+        pred: impl Fn(&Report) -> bool,
+    ) -> Result<Report> {
         let timeout = self.accel.boot_timeout() * boots;
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.console();
-            if let Some(report) = parse_reports(&text)
-                .into_iter()
-                .find(|r| !seen.contains(&r.boot_id))
-            {
+            if let Some(report) = parse_reports(&text).into_iter().find(|r| pred(r)) {
                 return Ok(report);
             }
             self.check_running()?;
             if Instant::now() > deadline {
                 bail!(
-                    "no report from a new boot within {}s; console tail:\n{}",
+                    "{what}: no such report within {}s; console tail:\n{}",
                     timeout.as_secs(),
                     tail(&text, 60)
                 );

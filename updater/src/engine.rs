@@ -1463,6 +1463,16 @@ impl Engine {
                     report.bytes_written,
                     report.resumed_at_op
                 );
+                if report.resumed_at_op > 0 {
+                    self.record(
+                        "checkpoint",
+                        Some(&report.target_version),
+                        format!(
+                            "continued from the checkpoint at operation {} of {}",
+                            report.resumed_at_op, report.operations
+                        ),
+                    );
+                }
                 Ok(())
             }
             Ok(ApplyOutcome::Stopped(_)) => Err(EngineError::Cancelled),
