@@ -123,7 +123,10 @@ pub fn run(command: &mut Command) -> Result<String> {
 fn hash_files(parts: &mut String, paths: &[PathBuf]) -> Result<()> {
     for path in paths {
         let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
         let _ = writeln!(parts, "{name} {}", payload::digest::sha256(&bytes));
     }
     Ok(())
@@ -160,9 +163,13 @@ pub fn build(cache: &Path, bins: &Binaries, say: &dyn Fn(&str)) -> Result<Built>
         .collect();
     image_files.sort();
     image_files.extend(
-        ["tandemd.service", "tandem-health.service", "org.tandem.Update1.conf"]
-            .iter()
-            .map(|n| units_dir().join(n)),
+        [
+            "tandemd.service",
+            "tandem-health.service",
+            "org.tandem.Update1.conf",
+        ]
+        .iter()
+        .map(|n| units_dir().join(n)),
     );
     image_files.push(repo_root().join("qemu-tests/src/build.rs"));
     hash_files(&mut inputs, &image_files)?;
@@ -288,20 +295,40 @@ fn slot_image(
         run(Command::new("strip").arg("-o").arg(&to).arg(bin))?;
     }
     for unit in ["tandemd.service", "tandem-health.service"] {
-        copy_file(&units.join(unit), &root.join("usr/lib/systemd/system").join(unit), 0o644)?;
+        copy_file(
+            &units.join(unit),
+            &root.join("usr/lib/systemd/system").join(unit),
+            0o644,
+        )?;
     }
     copy_file(
         &units.join("org.tandem.Update1.conf"),
         &root.join("usr/share/dbus-1/system.d/org.tandem.Update1.conf"),
         0o644,
     )?;
-    copy_file(keyring, &root.join("usr/share/tandem/keys.d/release.asc"), 0o644)?;
-    copy_file(&files.join("vm.toml"), &root.join("usr/lib/tandem/config.d/50-vm.toml"), 0o644)?;
+    copy_file(
+        keyring,
+        &root.join("usr/share/tandem/keys.d/release.asc"),
+        0o644,
+    )?;
+    copy_file(
+        &files.join("vm.toml"),
+        &root.join("usr/lib/tandem/config.d/50-vm.toml"),
+        0o644,
+    )?;
     copy_file(&files.join("fstab"), &root.join("etc/fstab"), 0o644)?;
     for script in ["tandem-vm-boot", "tandem-vm-report", "tandem-vm-agent"] {
-        copy_file(&files.join(script), &root.join("usr/libexec").join(script), 0o755)?;
+        copy_file(
+            &files.join(script),
+            &root.join("usr/libexec").join(script),
+            0o755,
+        )?;
         let unit = format!("{script}.service");
-        copy_file(&files.join(&unit), &root.join("usr/lib/systemd/system").join(&unit), 0o644)?;
+        copy_file(
+            &files.join(&unit),
+            &root.join("usr/lib/systemd/system").join(&unit),
+            0o644,
+        )?;
     }
     write_file(
         &root.join("usr/lib/os-release"),
@@ -321,14 +348,16 @@ fn slot_image(
     for dir in ["efi", "srv/release", "var"] {
         fs::create_dir_all(root.join(dir))?;
     }
-    run(Command::new("systemctl").arg(format!("--root={}", root.display())).args([
-        "enable",
-        "tandemd.service",
-        "tandem-health.service",
-        "tandem-vm-boot.service",
-        "tandem-vm-report.service",
-        "tandem-vm-agent.service",
-    ]))?;
+    run(Command::new("systemctl")
+        .arg(format!("--root={}", root.display()))
+        .args([
+            "enable",
+            "tandemd.service",
+            "tandem-health.service",
+            "tandem-vm-boot.service",
+            "tandem-vm-report.service",
+            "tandem-vm-agent.service",
+        ]))?;
     // tandem-health.service is RequiredBy boot-complete.target; have the
     // boot reach it (systemd-boot's bless generator is not in the image).
     fs::create_dir_all(root.join("etc/systemd/system/multi-user.target.wants"))?;
@@ -397,7 +426,10 @@ fn release_disk(set: &Path, built: &Built, bins: &Binaries, key: &Path) -> Resul
             _ => Some("2.0.0"),
         };
         let mut add = Command::new(&bins.tandem_release);
-        add.args(["index", "add", "--index"]).arg(&index).arg("--full").arg(&full);
+        add.args(["index", "add", "--index"])
+            .arg(&index)
+            .arg("--full")
+            .arg(&full);
         if let Some(source) = source {
             let delta = www.join(format!("delta-{source}-{version}.tpl"));
             run(Command::new(&bins.tandem_release)
@@ -505,7 +537,10 @@ fn ab_disk(set: &Path, image: &Path, version: &str, disk: &Path) -> Result<()> {
         0o644,
     )
     .context("systemd-boot is missing: install Debian's systemd-boot-efi")?;
-    write_file(&esp.join("loader/loader.conf"), "timeout 0\nconsole-mode keep\neditor no\n")?;
+    write_file(
+        &esp.join("loader/loader.conf"),
+        "timeout 0\nconsole-mode keep\neditor no\n",
+    )?;
     let files = bootfiles::read_from_image(disk, slots[0].offset, slots[0].size)?;
     let mut backend = BlsBackend::open(EntriesDir::new(&esp), slots.clone())?;
     backend.install(SlotName::A, version, &files, "root")?;

@@ -198,8 +198,7 @@ pub fn power_cut(
     let progress_at_cut = loop {
         let status = vm.status()?;
         let progress = &status["progress"];
-        if progress["phase"] == "writing"
-            && progress["fraction"].as_f64().unwrap_or(0.0) >= cut_at
+        if progress["phase"] == "writing" && progress["fraction"].as_f64().unwrap_or(0.0) >= cut_at
         {
             break progress.clone();
         }

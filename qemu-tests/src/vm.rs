@@ -109,7 +109,10 @@ impl Report {
         let stem = format!("tandem-slot-{}", slot.to_lowercase());
         self.entries
             .iter()
-            .find(|e| e.strip_prefix(&stem).is_some_and(|r| r.starts_with(['.', '+'])))
+            .find(|e| {
+                e.strip_prefix(&stem)
+                    .is_some_and(|r| r.starts_with(['.', '+']))
+            })
             .cloned()
     }
 }
@@ -158,7 +161,12 @@ pub fn parse_reports(console: &str) -> Vec<Report> {
             .take_while(|l| !l.contains("TANDEM-REPORT-END"))
             .find_map(|l| {
                 let at = l.find("TANDEM-ENTRIES")?;
-                Some(l[at + 14..].split_whitespace().map(str::to_string).collect())
+                Some(
+                    l[at + 14..]
+                        .split_whitespace()
+                        .map(str::to_string)
+                        .collect(),
+                )
             })
             .unwrap_or_default();
         let (Some(status), Some(history)) =
@@ -272,13 +280,22 @@ impl Vm {
         }
         let mut qemu = Command::new("qemu-system-x86_64");
         qemu.args(["-machine", "q35", "-m", "1024", "-smp", "1"])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-nic", "none"]);
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-nic",
+                "none",
+            ]);
         match self.accel {
             Accel::Kvm => qemu.args(["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => qemu.args(["-accel", "tcg", "-cpu", "max"]),
         };
         qemu.arg("-drive")
-            .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"))
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+            ))
             .arg("-drive")
             .arg(format!(
                 "if=pflash,format=raw,unit=1,file={}",
@@ -307,21 +324,30 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(self.dir.join("qemu.log"))?);
-        let child = qemu.spawn().context("cannot start qemu-system-x86_64 (install Debian's qemu-system-x86)")?;
+        let child = qemu
+            .spawn()
+            .context("cannot start qemu-system-x86_64 (install Debian's qemu-system-x86)")?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         let stream = loop {
             match UnixStream::connect(&socket) {
                 Ok(stream) => break stream,
                 Err(e) => {
-                    if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    if let Some(status) = self
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten())
+                    {
                         bail!(
                             "qemu exited ({status}): {}",
                             fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default()
                         );
                     }
                     if Instant::now() > deadline {
-                        bail!("cannot connect to the agent socket {}: {e}", socket.display());
+                        bail!(
+                            "cannot connect to the agent socket {}: {e}",
+                            socket.display()
+                        );
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -351,7 +377,7 @@ impl Vm {
             let new = &text[self.echoed..];
             let mut out = std::io::stdout().lock();
             for line in new.split_inclusive('\n') {
-                let line = line.trim_end_matches(['\r', '\n']);
+                let line = strip_ansi(line.trim_end_matches(['\r', '\n']));
                 // The JSON lines are for the test; the summary shows them.
                 if !["TANDEM-STATUS", "TANDEM-HISTORY"]
                     .iter()
@@ -366,7 +392,11 @@ impl Vm {
     }
 
     fn check_running(&mut self) -> Result<()> {
-        if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+        if let Some(status) = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
             bail!(
                 "qemu exited ({status}); console tail:\n{}",
                 tail(&self.console(), 40)
@@ -455,10 +485,15 @@ impl Vm {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                bail!("the guest did not finish {command:?} within {}s", timeout.as_secs());
+                bail!(
+                    "the guest did not finish {command:?} within {}s",
+                    timeout.as_secs()
+                );
             }
             let reader = self.agent()?;
-            reader.get_ref().set_read_timeout(Some(left.min(Duration::from_secs(1))))?;
+            reader
+                .get_ref()
+                .set_read_timeout(Some(left.min(Duration::from_secs(1))))?;
             let mut line = String::new();
             match reader.read_line(&mut line) {
                 Ok(0) => bail!("the agent's connection closed during {command:?}"),
@@ -481,6 +516,8 @@ impl Vm {
                     let rc = words.next().and_then(|w| w.parse().ok()).unwrap_or(-1);
                     return Ok((rc, output));
                 }
+                // What came before was an earlier, unwaited command's.
+                output.clear();
                 continue;
             }
             if line.starts_with("@@ready ") {
@@ -512,8 +549,74 @@ impl Drop for Vm {
     }
 }
 
+/// A console line without its terminal escapes (colours, clears). Pure.
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // Parameters, then one final letter.
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The last `n` lines of a text.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn reads_reports_and_boot_lines_from_a_console() {
+        let console = "\x1b[2J BdsDxe: loading\r\n\
+            TANDEM-BOOT boot_id=b1 version=1.0.0 partuuid=x device=vda2\r\n\
+            [  OK  ] Started something.\r\n\
+            TANDEM-REPORT boot_id=b1 version=1.0.0 health_rc=0\r\n\
+            TANDEM-STATUS {\"booted\": {\"slot\": \"A\"}, \"health\": \"passed\"}\r\n\
+            [   12.5] a kernel line in between\r\n\
+            TANDEM-HISTORY [{\"kind\": \"booted\"}, {\"kind\": \"health-passed\"}]\r\n\
+            TANDEM-ENTRIES tandem-slot-a.conf tandem-slot-b+0-1.conf \r\n\
+            TANDEM-REPORT-END boot_id=b1\r\n\
+            TANDEM-REPORT boot_id=b2 version=2.0.0 health_rc=1\r\n\
+            TANDEM-STATUS {\"booted\": {\"slot\": \"B\"}}\r\n";
+        let reports = parse_reports(console);
+        // b2's report is cut short (no history, no end): not a report yet.
+        assert_eq!(reports.len(), 1);
+        let r = &reports[0];
+        assert_eq!((r.boot_id.as_str(), r.version.as_str()), ("b1", "1.0.0"));
+        assert_eq!(r.slot(), "A");
+        assert_eq!(r.health_rc, 0);
+        assert_eq!(r.events("health-passed").len(), 1);
+        assert_eq!(r.entry_of("A").as_deref(), Some("tandem-slot-a.conf"));
+        assert_eq!(r.entry_of("B").as_deref(), Some("tandem-slot-b+0-1.conf"));
+        let boots = parse_boot_lines(console);
+        assert_eq!(
+            boots,
+            vec![BootLine {
+                boot_id: "b1".into(),
+                version: "1.0.0".into(),
+                device: "vda2".into()
+            }]
+        );
+        assert_eq!(
+            strip_ansi("[\x1b[0;32m  OK  \x1b[0m] Started \x1b[0;1;39mx\x1b[0m."),
+            "[  OK  ] Started x."
+        );
+    }
 }

@@ -48,7 +48,11 @@ fn update_boots_the_new_slot_and_blesses_it() {
     let run = scenario::update(built(), VmOptions::default(), &say).unwrap();
     assert_eq!(run.before.version, "1.0.0");
     assert_eq!(run.before.slot(), "A");
-    assert_eq!(run.before.entry_of("B"), None, "slot B starts with no entry");
+    assert_eq!(
+        run.before.entry_of("B"),
+        None,
+        "slot B starts with no entry"
+    );
     let after = &run.after;
     assert_eq!(after.version, "2.0.0", "{after:#?}");
     assert_eq!(after.slot(), "B");
@@ -64,7 +68,10 @@ fn update_boots_the_new_slot_and_blesses_it() {
     }
     // The kernel really came from slot B's partition (vda3).
     let last = run.boots.last().unwrap();
-    assert_eq!((last.version.as_str(), last.device.as_str()), ("2.0.0", "vda3"));
+    assert_eq!(
+        (last.version.as_str(), last.device.as_str()),
+        ("2.0.0", "vda3")
+    );
 }
 
 #[test]
@@ -86,13 +93,20 @@ fn health_failure_rolls_back_to_the_old_slot() {
     assert_eq!(failed.len(), 1, "{:#?}", after.history);
     assert_eq!(failed[0]["version"], "3.0.0");
     let text = event_text(&failed[0]);
-    assert!(text.contains("50-vm-fails"), "the failed check is named: {text}");
+    assert!(
+        text.contains("50-vm-fails"),
+        "the failed check is named: {text}"
+    );
     assert!(text.contains("containerd did not come up"), "{text}");
     assert!(!after.events("rollback").is_empty(), "{:#?}", after.history);
     // B is marked bad: zero tries left, so systemd-boot sorts it last.
     let b = after.entry_of("B").unwrap();
     assert!(b.starts_with("tandem-slot-b+0"), "{b}");
-    assert!(after.status["blocked"]["3.0.0"].is_string(), "{}", after.status);
+    assert!(
+        after.status["blocked"]["3.0.0"].is_string(),
+        "{}",
+        after.status
+    );
 }
 
 #[test]
@@ -119,7 +133,11 @@ fn never_booting_update_falls_back_and_is_not_staged_again() {
         "{:?}",
         rollbacks[0]
     );
-    assert!(after.status["blocked"]["4.0.0"].is_string(), "{}", after.status);
+    assert!(
+        after.status["blocked"]["4.0.0"].is_string(),
+        "{}",
+        after.status
+    );
     let (rc, output) = &run.apply_again;
     assert_ne!(*rc, 0, "apply of the newest (4.0.0) is refused: {output}");
     assert!(output.contains("4.0.0"), "{output}");
@@ -136,7 +154,11 @@ fn power_cut_mid_write_resumes_from_the_checkpoint() {
     assert!((0.4..1.0).contains(&fraction), "{}", run.progress_at_cut);
     // After the cut the node came up on the old version, from slot A ...
     let ones: Vec<_> = run.boots.iter().filter(|b| b.version == "1.0.0").collect();
-    assert!(ones.len() >= 2, "1.0.0 booted again after the cut: {:?}", run.boots);
+    assert!(
+        ones.len() >= 2,
+        "1.0.0 booted again after the cut: {:?}",
+        run.boots
+    );
     assert!(ones.iter().all(|b| b.device == "vda2"));
     // ... and the update went on from its checkpoint, then booted.
     let after = &run.after;

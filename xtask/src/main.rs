@@ -1,14 +1,19 @@
 //! `cargo xtask`: the project's own tasks.
 //!
 //! - `cargo xtask test`: installs the Debian packages the tests need (when
-//!   run as root), then runs every test in the workspace.
+//!   run as root), then runs every test in the workspace, the VM tests last.
+//! - `cargo xtask vm-test`: only the VM tests (`qemu-tests/`): four boot
+//!   scenarios in QEMU with OVMF, systemd-boot and real reboots.
 //! - `cargo xtask lint`: `cargo fmt --check` and `cargo clippy -D warnings`.
 //! - `cargo xtask bench`: tandem's payloads against zstd, lz4 and xdelta3
 //!   on a real Debian security update (see `bench.rs`).
-//! - `cargo xtask demo`: tandem's main job so far, on a disk image it makes:
-//!   an A/B slot flip, a failed trial boot falling back, a good one kept.
+//! - `cargo xtask demo`: tandem's main job in a VM: an update to slot B
+//!   booted and kept, then an update whose health check fails, rolled back.
+//! - `cargo xtask demo-disk`: the same loop on a disk image with the reboot
+//!   simulated (no VM): payloads, the daemon, GRUB's gptprio rules.
 
 mod bench;
+mod vm;
 
 use std::env;
 use std::fs;
@@ -25,7 +30,7 @@ use bootconfig::{BootBackend, SlotLayout};
 /// GnuPG (payload signatures made and checked by gpg), mkfs.ext4, the
 /// Prometheus reference parser (the metrics test reads tandem's metrics
 /// with it).
-const PACKAGES: [&str; 8] = [
+pub(crate) const PACKAGES: [&str; 8] = [
     "gdisk",
     "cgpt",
     "systemd-boot",
@@ -41,10 +46,12 @@ fn main() -> std::process::ExitCode {
     let result = match task.as_str() {
         "test" => test(),
         "lint" => lint(),
-        "demo" => demo(),
+        "demo" => vm::demo(),
+        "demo-disk" => demo(),
+        "vm-test" => vm::vm_test(),
         "bench" => run_bench(),
         _ => Err(anyhow::anyhow!(
-            "unknown task {task:?}; usage: cargo xtask test | lint | demo | bench"
+            "unknown task {task:?}; usage: cargo xtask test | vm-test | lint | demo | demo-disk | bench"
         )),
     };
     match result {
@@ -56,11 +63,11 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
 }
 
-fn run(command: &mut Command) -> Result<()> {
+pub(crate) fn run(command: &mut Command) -> Result<()> {
     let status = command
         .status()
         .with_context(|| format!("cannot run {command:?}"))?;
@@ -83,7 +90,7 @@ fn output(command: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -100,7 +107,7 @@ fn installed(package: &str) -> bool {
 }
 
 /// Installs the missing packages as root; otherwise says what is missing.
-fn ensure_packages(packages: &[&str]) -> Result<()> {
+pub(crate) fn ensure_packages(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
@@ -145,7 +152,14 @@ fn run_bench() -> Result<()> {
 
 fn test() -> Result<()> {
     ensure_packages(&PACKAGES)?;
-    run(cargo().args(["test", "--workspace", "--all-targets"]))
+    run(cargo().args([
+        "test",
+        "--workspace",
+        "--all-targets",
+        "--exclude",
+        "tandem-qemu-tests",
+    ]))?;
+    vm::vm_test()
 }
 
 fn lint() -> Result<()> {
