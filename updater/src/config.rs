@@ -475,6 +475,13 @@ mod tests {
         let err =
             from_documents(&[doc("d.toml", "[slots]\nboot_backend = \"bls\"\n")]).unwrap_err();
         assert!(err.to_string().contains("needs slots.esp"), "{err}");
+        let err = from_documents(&[doc("e.toml", "[slots]\nroot_arg = \"init\"\n")]).unwrap_err();
+        assert!(
+            err.to_string().contains("mount.usr, verity.usr, usr, root"),
+            "{err}"
+        );
+        let ok = from_documents(&[doc("f.toml", "[slots]\nroot_arg = \"root\"\n")]).unwrap();
+        assert_eq!(ok.slots.root_arg, "root");
     }
 
     #[test]
