@@ -488,20 +488,7 @@ fn grub_boot(image: &Path) -> Result<String> {
 
 fn demo() -> Result<()> {
     ensure_packages(&PACKAGES)?;
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "--package",
-        "updater",
-        "--bin",
-        "updatectl",
-        "--bin",
-        "tandemd",
-        "--package",
-        "release",
-        "--bin",
-        "tandem-release",
-    ]))?;
+    vm::build_binaries()?;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)

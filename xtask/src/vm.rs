@@ -22,7 +22,8 @@ pub const VM_PACKAGES: [&str; 7] = [
     "binutils",
 ];
 
-fn build_binaries() -> Result<()> {
+/// Builds `tandemd`, `updatectl` and `tandem-release` (debug).
+pub fn build_binaries() -> Result<()> {
     run(cargo().args([
         "build",
         "--quiet",
