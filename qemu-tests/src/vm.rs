@@ -430,47 +430,21 @@ impl Vm {
         );
     }
 
-    /// Waits for the first report `pred` accepts, within one boot's
-    /// timeout times `boots` (the boots expected on the way).
-    pub fn wait_report(
+    /// Polls the console until `found` returns something, within one
+    /// boot's timeout times `boots` (the boots expected on the way),
+    /// powering the guest on again after its reboots.
+    fn wait_console<T>(
         &mut self,
         boots: u32,
         what: &str,
-        pred: impl Fn(&Report) -> bool,
-    ) -> Result<Report> {
+        found: impl Fn(&str) -> Option<T>,
+    ) -> Result<T> {
         let timeout = self.accel.boot_timeout() * boots;
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.console();
-            if let Some(report) = parse_reports(&text).into_iter().find(|r| pred(r)) {
-                return Ok(report);
-            }
-            self.check_running()?;
-            if Instant::now() > deadline {
-                bail!(
-                    "{what}: no such report within {}s; console tail:\n{}",
-                    timeout.as_secs(),
-                    tail(&text, 60)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    /// Waits until `pred` holds for the console's early boot lines.
-    pub fn wait_boot_lines(
-        &mut self,
-        boots: u32,
-        what: &str,
-        pred: impl Fn(&[BootLine]) -> bool,
-    ) -> Result<Vec<BootLine>> {
-        let timeout = self.accel.boot_timeout() * boots;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = self.console();
-            let lines = parse_boot_lines(&text);
-            if pred(&lines) {
-                return Ok(lines);
+            if let Some(value) = found(&text) {
+                return Ok(value);
             }
             self.check_running()?;
             if Instant::now() > deadline {
@@ -482,6 +456,31 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// Waits for the first report `pred` accepts.
+    pub fn wait_report(
+        &mut self,
+        boots: u32,
+        what: &str,
+        pred: impl Fn(&Report) -> bool,
+    ) -> Result<Report> {
+        self.wait_console(boots, what, |text| {
+            parse_reports(text).into_iter().find(|r| pred(r))
+        })
+    }
+
+    /// Waits until `pred` holds for the console's early boot lines.
+    pub fn wait_boot_lines(
+        &mut self,
+        boots: u32,
+        what: &str,
+        pred: impl Fn(&[BootLine]) -> bool,
+    ) -> Result<Vec<BootLine>> {
+        self.wait_console(boots, what, |text| {
+            let lines = parse_boot_lines(text);
+            pred(&lines).then_some(lines)
+        })
     }
 
     fn agent(&mut self) -> Result<&mut BufReader<UnixStream>> {
