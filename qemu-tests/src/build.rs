@@ -82,6 +82,25 @@ pub struct Built {
     pub images: Vec<(String, PathBuf)>,
 }
 
+fn by_version(list: &[(String, PathBuf)], version: &str, what: &str) -> Result<PathBuf> {
+    list.iter()
+        .find(|(v, _)| v == version)
+        .map(|(_, p)| p.clone())
+        .with_context(|| format!("no {what} {version}"))
+}
+
+impl Built {
+    /// The slot image of a version.
+    pub fn image(&self, version: &str) -> Result<PathBuf> {
+        by_version(&self.images, version, "slot image")
+    }
+
+    /// The A/B disk with a version in slot A.
+    pub fn disk(&self, version: &str) -> Result<PathBuf> {
+        by_version(&self.disks, version, "test disk starting from")
+    }
+}
+
 /// The repository's root (this crate's parent).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -216,13 +235,7 @@ pub fn build(cache: &Path, bins: &Binaries, say: &dyn Fn(&str)) -> Result<Built>
     release_disk(&set, &built, bins, &key)?;
     for (version, disk) in &built.disks {
         say(&format!("the A/B disk ({version} in slot A)"));
-        let image = built
-            .images
-            .iter()
-            .find(|(v, _)| v == version)
-            .map(|(_, p)| p.clone())
-            .with_context(|| format!("no image {version}"))?;
-        ab_disk(&set, &image, version, disk)?;
+        ab_disk(&set, &built.image(version)?, version, disk)?;
     }
     fs::write(set.join("done"), inputs)?;
     Ok(built)
@@ -358,6 +371,11 @@ fn slot_image(
             "tandem-vm-report.service",
             "tandem-vm-agent.service",
         ]))?;
+    // No login prompt on the serial console: agetty's hangup of ttyS0 as
+    // it starts cut a report short once (its later lines were lost).
+    run(Command::new("systemctl")
+        .arg(format!("--root={}", root.display()))
+        .args(["mask", "serial-getty@ttyS0.service"]))?;
     // tandem-health.service is RequiredBy boot-complete.target; have the
     // boot reach it (systemd-boot's bless generator is not in the image).
     fs::create_dir_all(root.join("etc/systemd/system/multi-user.target.wants"))?;
@@ -401,14 +419,7 @@ fn slot_image(
 fn release_disk(set: &Path, built: &Built, bins: &Binaries, key: &Path) -> Result<()> {
     let www = set.join("www");
     fs::create_dir_all(&www)?;
-    let image = |v: &str| {
-        built
-            .images
-            .iter()
-            .find(|(version, _)| version == v)
-            .map(|(_, p)| p.clone())
-            .with_context(|| format!("no image {v}"))
-    };
+    let image = |v: &str| built.image(v);
     let index = www.join("stable.json");
     let _ = fs::remove_file(&index);
     for version in VERSIONS {

@@ -33,17 +33,19 @@ fn console_after(text: &str, boot_id: &str) -> String {
         .unwrap_or_default()
 }
 
-/// *update*: 1.0.0 on A, `updatectl apply 2.0.0`, the immediate reboot,
-/// systemd-boot boots B, health passes.
+/// What a scenario's guest printed: the first boot's report, the last
+/// one the scenario waited for, and every early boot line.
 #[derive(Debug)]
-pub struct UpdateRun {
+pub struct Run {
     pub before: Report,
     pub after: Report,
     pub boots: Vec<BootLine>,
     pub dir: PathBuf,
 }
 
-pub fn update(built: &Built, options: VmOptions, say: &dyn Fn(&str)) -> Result<UpdateRun> {
+/// *update*: 1.0.0 on A, `updatectl apply 2.0.0`, the immediate reboot,
+/// systemd-boot boots B, health passes.
+pub fn update(built: &Built, options: VmOptions, say: &dyn Fn(&str)) -> Result<Run> {
     let mut vm = vm("update", built, "1.0.0", options)?;
     say(&format!(
         "Booting the test node (1.0.0 in slot A) with {:?} ...",
@@ -68,7 +70,7 @@ pub fn update(built: &Built, options: VmOptions, say: &dyn Fn(&str)) -> Result<U
         after.status["health"].as_str().unwrap_or("?")
     ));
     let boots = crate::vm::parse_boot_lines(&vm.console());
-    Ok(UpdateRun {
+    Ok(Run {
         before,
         after,
         boots,
@@ -78,19 +80,7 @@ pub fn update(built: &Built, options: VmOptions, say: &dyn Fn(&str)) -> Result<U
 
 /// *health failure*: 2.0.0 on A, apply 3.0.0, which boots and fails its
 /// check; tandem marks it bad and reboots into 2.0.0.
-#[derive(Debug)]
-pub struct HealthFailureRun {
-    pub before: Report,
-    pub after: Report,
-    pub boots: Vec<BootLine>,
-    pub dir: PathBuf,
-}
-
-pub fn health_failure(
-    built: &Built,
-    options: VmOptions,
-    say: &dyn Fn(&str),
-) -> Result<HealthFailureRun> {
+pub fn health_failure(built: &Built, options: VmOptions, say: &dyn Fn(&str)) -> Result<Run> {
     let mut vm = vm("health-failure", built, "2.0.0", options)?;
     say("Booting the test node (2.0.0 in slot A) ...");
     vm.start()?;
@@ -114,7 +104,7 @@ pub fn health_failure(
         after.slot()
     ));
     let boots = crate::vm::parse_boot_lines(&vm.console());
-    Ok(HealthFailureRun {
+    Ok(Run {
         before,
         after,
         boots,

@@ -99,7 +99,8 @@ impl Report {
             .collect()
     }
 
-    fn history_list(&self) -> Vec<Value> {
+    /// Every history event, oldest first.
+    pub fn history_list(&self) -> Vec<Value> {
         match &self.history {
             Value::Array(list) => list.clone(),
             other => other["events"].as_array().cloned().unwrap_or_default(),
@@ -240,12 +241,7 @@ impl Vm {
     /// A VM in `dir` (created; emptied of an earlier run's files) booting
     /// a fresh copy of the built disk with `version` in slot A. Not started.
     pub fn new(dir: &Path, built: &Built, version: &str, options: VmOptions) -> Result<Vm> {
-        let template = built
-            .disks
-            .iter()
-            .find(|(v, _)| v == version)
-            .map(|(_, p)| p.clone())
-            .with_context(|| format!("no test disk starts from {version}"))?;
+        let template = built.disk(version)?;
         fs::create_dir_all(dir)?;
         let disk = dir.join("disk.img");
         let _ = fs::remove_file(&disk);

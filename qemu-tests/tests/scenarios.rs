@@ -26,11 +26,9 @@ fn say(line: &str) {
 }
 
 fn kinds(report: &Report) -> Vec<String> {
-    let list = match &report.history {
-        Value::Array(list) => list.clone(),
-        other => other["events"].as_array().cloned().unwrap_or_default(),
-    };
-    list.iter()
+    report
+        .history_list()
+        .iter()
         .map(|e| e["kind"].as_str().unwrap_or_default().to_string())
         .collect()
 }

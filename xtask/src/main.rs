@@ -174,7 +174,7 @@ fn lint() -> Result<()> {
     ]))
 }
 
-fn say(text: &str) {
+pub(crate) fn say(text: &str) {
     println!("\n\x1b[1m== {text}\x1b[0m");
 }
 

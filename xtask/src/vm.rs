@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use tandem_qemu_tests::scenario;
 use tandem_qemu_tests::vm::{Accel, BootLine, Report, VmOptions};
 
-use crate::{cargo, ensure_packages, is_root, run};
+use crate::{cargo, ensure_packages, is_root, run, say};
 
 /// Debian packages the VM tests and the demo need: QEMU, OVMF, systemd-boot
 /// (the EFI binary), debootstrap for the test roots, mtools and dosfstools
@@ -69,10 +69,6 @@ pub fn vm_test() -> Result<()> {
     Ok(())
 }
 
-fn bold(text: &str) {
-    println!("\n\x1b[1m== {text}\x1b[0m");
-}
-
 fn path_of(boots: &[BootLine]) -> String {
     boots
         .iter()
@@ -98,9 +94,9 @@ pub fn demo() -> Result<()> {
     require_root("the demo")?;
     ensure_packages(&crate::PACKAGES)?;
     ensure_packages(&VM_PACKAGES)?;
-    bold("Building tandemd, updatectl and tandem-release");
+    say("Building tandemd, updatectl and tandem-release");
     build_binaries()?;
-    bold("Test images: Debian slot images 1.0.0 to 4.0.0, signed payloads, an A/B disk (cached)");
+    say("Test images: Debian slot images 1.0.0 to 4.0.0, signed payloads, an A/B disk (cached)");
     let built = scenario::built_for_tests()?;
     let accel = Accel::detect();
     println!(
@@ -111,17 +107,16 @@ pub fn demo() -> Result<()> {
             ""
         }
     );
-    let say = |text: &str| bold(text);
     let shown = VmOptions {
         echo_console: true,
         ..VmOptions::default()
     };
-    bold("Scenario 1, update: 1.0.0 in slot A is updated to 2.0.0 in slot B");
+    say("Scenario 1, update: 1.0.0 in slot A is updated to 2.0.0 in slot B");
     let update = scenario::update(&built, shown.clone(), &say)?;
-    bold("Scenario 2, health failure: from 2.0.0, 3.0.0 boots but fails its health check");
+    say("Scenario 2, health failure: from 2.0.0, 3.0.0 boots but fails its health check");
     let failure = scenario::health_failure(&built, shown, &say)?;
 
-    bold("Summary");
+    say("Summary");
     println!("update:");
     println!("  boots:  {}", path_of(&update.boots));
     println!("  before: {}", summary_line(&update.before));
