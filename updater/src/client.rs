@@ -22,10 +22,19 @@ pub enum Request {
     Check {
         json: bool,
     },
+    /// Install an update: stage it and, unless `stage_only`, finalize it
+    /// (the reboot strategy then applies).
     Apply {
         version: Option<String>,
         payload: Option<String>,
         allow_downgrade: bool,
+        stage_only: bool,
+        json: bool,
+    },
+    /// Set the staged update to boot next; `reboot` at once through the
+    /// reboot action (else the strategy decides).
+    Finalize {
+        reboot: bool,
         json: bool,
     },
     Cancel,
@@ -351,14 +360,20 @@ fn report_outcome(outcome: &UpdateOutcome) -> Result<()> {
             payload,
             downloaded_bytes,
             resumed_requests,
+            finalized,
         } => write_out(&format!(
-            "{version} is staged in slot {slot} and boots next ({} payload, {} downloaded{}). Reboot to use it.\n",
+            "{version} is staged in slot {slot} ({} payload, {} downloaded{}). {}\n",
             payload.as_str(),
             mib(*downloaded_bytes),
             if *resumed_requests > 0 {
                 format!(", {resumed_requests} resumed requests")
             } else {
                 String::new()
+            },
+            if *finalized {
+                "It boots next: reboot to use it."
+            } else {
+                "It is not set to boot; `updatectl finalize` does that."
             }
         )),
     }
@@ -386,7 +401,10 @@ fn absolute_payload(p: &str) -> Result<String> {
 fn offline_run(request: Request, root: &Path) -> Result<()> {
     let config = crate::config::load(root)
         .with_context(|| format!("reading the configuration under {}", root.display()))?;
-    let quiet = matches!(request, Request::Apply { json: true, .. });
+    let quiet = matches!(
+        request,
+        Request::Apply { json: true, .. } | Request::Finalize { json: true, .. }
+    );
     let view = ProgressView::new(quiet).map(Arc::new);
     let observer_view = view.clone();
     let engine = Engine::open(
@@ -411,11 +429,13 @@ fn offline_run(request: Request, root: &Path) -> Result<()> {
             version,
             payload,
             allow_downgrade,
+            stage_only,
             json,
         } => {
             let request = UpdateRequest {
                 wanted: wanted(version, payload)?,
                 allow_downgrade,
+                stage_only,
             };
             let result = match engine.resume() {
                 Some(Err(e)) => Err(e),
@@ -430,6 +450,17 @@ fn offline_run(request: Request, root: &Path) -> Result<()> {
                 print_json(&engine.status())
             } else {
                 report_outcome(&outcome)
+            }
+        }
+        Request::Finalize { reboot, json } => {
+            if reboot {
+                bail!("--offline does not reboot: pass --no-reboot, then reboot by hand");
+            }
+            let message = engine.finalize(None)?;
+            if json {
+                print_json(&engine.status())
+            } else {
+                write_out(&format!("{message}; reboot to use it.\n"))
             }
         }
         Request::Cancel => bail!("nothing runs offline to cancel"),
@@ -494,6 +525,7 @@ async fn daemon_run(request: Request) -> Result<()> {
             version,
             payload,
             allow_downgrade,
+            stage_only,
             json,
         } => {
             let (v, pl) = match wanted(version, payload)? {
@@ -501,8 +533,9 @@ async fn daemon_run(request: Request) -> Result<()> {
                 Wanted::Version(v) => (v, String::new()),
                 Wanted::Payload(pl) => (String::new(), pl),
             };
+            let method = if stage_only { "Stage" } else { "Apply" };
             let id: u64 = p
-                .call("Apply", &(v, pl, allow_downgrade))
+                .call(method, &(v, pl, allow_downgrade))
                 .await
                 .map_err(bus_error)?;
             let view = ProgressView::new(json);
@@ -527,6 +560,14 @@ async fn daemon_run(request: Request) -> Result<()> {
                 print_json(&s)
             } else {
                 write_out(&format!("{}.\n", r.message))
+            }
+        }
+        Request::Finalize { reboot, json } => {
+            let m: String = p.call("Finalize", &(reboot,)).await.map_err(bus_error)?;
+            if json {
+                print_json(&get_status(&p).await?)
+            } else {
+                write_out(&format!("{m}.\n"))
             }
         }
         Request::Cancel => {

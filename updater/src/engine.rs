@@ -11,8 +11,13 @@
 //!    and only then is the slot's boot state cleared and the first byte
 //!    written; a delta whose source does not match falls back to the full
 //!    payload;
-//! 4. read the slot back and compare with the manifest;
-//! 5. set the slot to boot next (one try).
+//! 4. read the slot back and compare with the manifest; install the
+//!    slot's boot files (its entry cannot boot yet);
+//! 5. unless only staging: set the slot to boot next (one try).
+//!
+//! `stage` is steps 1 to 4; `finalize` reads the staged slot back once
+//! more and does step 5; `apply` is both. The commit (marking the slot
+//! good) is the boot assessment after the reboot (`engine/boot.rs`).
 
 mod boot;
 
@@ -27,7 +32,7 @@ use bootconfig::gptprio::SlotStatus;
 use bootconfig::{version, SlotLayout, SlotName};
 use payload::apply::{ApplyProgress, Phase};
 use payload::digest::Sha256Stream;
-use payload::format::Sha256Hex;
+use payload::format::{ImageRef, Sha256Hex};
 use payload::index::{self, format_time, Choice, IndexError, PayloadChoice, ReleaseIndex};
 use payload::{ApplyError, ApplyOptions, ApplyOutcome, ByteRange, ComponentPaths, Keyring};
 use serde::{Deserialize, Serialize};
@@ -70,6 +75,8 @@ pub enum EngineError {
     State(StateError),
     #[error("cancelled")]
     Cancelled,
+    #[error("no update is staged")]
+    NotStaged,
     #[error("{version} was rolled back ({reason}); tandem does not install it again by itself: run `updatectl apply {version}` to try it again")]
     Blocked { version: String, reason: String },
     #[error("{0}")]
@@ -115,6 +122,9 @@ pub enum Wanted {
 pub struct UpdateRequest {
     pub wanted: Wanted,
     pub allow_downgrade: bool,
+    /// Write and verify only; leave the boot entries for `finalize`.
+    #[serde(default)]
+    pub stage_only: bool,
 }
 
 /// The outcome of a check.
@@ -147,6 +157,8 @@ pub enum UpdateOutcome {
         /// Payload bytes received in this run (a resume receives less).
         downloaded_bytes: u64,
         resumed_requests: u64,
+        /// Set to boot next (`false` after a stage only).
+        finalized: bool,
     },
 }
 
@@ -426,7 +438,7 @@ impl Engine {
             persisted.state = if persisted.job.is_some() {
                 UpdateState::Downloading
             } else {
-                UpdateState::resting(persisted.staged.is_some())
+                UpdateState::resting(persisted.rest())
             };
             dir.store(&persisted)?;
         }
@@ -479,7 +491,7 @@ impl Engine {
             (HealthPhase::Done, None) => "not-assessed".to_owned(),
             (HealthPhase::Pending, None) => "pending".to_owned(),
         };
-        let reboot_required = p.staged.is_some() && p.job.is_none();
+        let reboot_required = p.staged.as_ref().is_some_and(|s| s.finalized) && p.job.is_none();
         Status {
             format_version: STATUS_FORMAT,
             state: p.state,
@@ -803,16 +815,16 @@ impl Engine {
                 return;
             }
             p.job = None;
-            let staged = p.staged.is_some();
+            let rest = p.rest();
             let to = if cancelled {
-                machine::next(p.state, Event::Cancelled { staged })
+                machine::next(p.state, Event::Cancelled { rest })
             } else {
                 p.last_error = Some(ErrorRecord {
                     time: now_text(),
                     message,
                 });
                 machine::next(p.state, Event::Failed)
-                    .and_then(|s| machine::next(s, Event::ErrorReported { staged }))
+                    .and_then(|s| machine::next(s, Event::ErrorReported { rest }))
             };
             // A failure before any work started leaves the state as it was.
             if let Ok(to) = to {
@@ -916,7 +928,7 @@ impl Engine {
                             Event::UpdateFound
                         } else {
                             Event::UpToDate {
-                                staged: staged.is_some(),
+                                rest: lock(&self.persisted).rest(),
                             }
                         };
                         self.advance(event)?;
@@ -1063,16 +1075,16 @@ impl Engine {
                 };
                 let (report, sources) = self.choose(wanted, request.allow_downgrade)?;
                 let Some(version) = report.available.clone() else {
-                    let staged = lock(&self.persisted).staged.is_some();
-                    self.advance(Event::UpToDate { staged })?;
+                    let rest = lock(&self.persisted).rest();
+                    self.advance(Event::UpToDate { rest })?;
                     self.record_check(None)?;
                     return Ok(UpdateOutcome::UpToDate {
                         version: report.booted_version,
                     });
                 };
                 if let (Wanted::Latest, Some(reason)) = (&request.wanted, &report.blocked) {
-                    let staged = lock(&self.persisted).staged.is_some();
-                    self.advance(Event::UpToDate { staged })?;
+                    let rest = lock(&self.persisted).rest();
+                    self.advance(Event::UpToDate { rest })?;
                     return Err(EngineError::Blocked {
                         version,
                         reason: reason.clone(),
@@ -1081,8 +1093,14 @@ impl Engine {
                 let staged = lock(&self.persisted).staged.clone();
                 if let Some(s) = staged.filter(|s| s.version == version) {
                     tracing::info!("{version} is already staged in slot {}", s.slot);
-                    self.advance(Event::UpToDate { staged: true })?;
+                    let rest = lock(&self.persisted).rest();
+                    self.advance(Event::UpToDate { rest })?;
+                    let finalized = s.finalized || !request.stage_only;
+                    if finalized && !s.finalized {
+                        self.finalize_staged(&s)?;
+                    }
                     return Ok(UpdateOutcome::Staged {
+                        finalized,
                         version,
                         slot: s.slot,
                         payload: PayloadKind::Full,
@@ -1121,6 +1139,7 @@ impl Engine {
             current: 0,
             allow_downgrade: request.allow_downgrade,
             started: now_text(),
+            stage_only: request.stage_only,
         };
         self.update(|p| {
             p.job = Some(job.clone());
@@ -1176,8 +1195,8 @@ impl Engine {
                 return Err(EngineError::System("no payload left to try".into()));
             };
             match self.apply_one(&job, &source, &layout, &keyring, &fetcher, &booted_version) {
-                Ok((version, downloaded, resumed)) => {
-                    return self.finish(&job, &source, version, downloaded, resumed)
+                Ok((written, downloaded, resumed)) => {
+                    return self.finish(&job, &source, written, downloaded, resumed)
                 }
                 Err(EngineError::Apply(ApplyError::WrongSource {
                     expected, found, ..
@@ -1208,7 +1227,7 @@ impl Engine {
         keyring: &Keyring,
         fetcher: &Fetcher,
         booted_version: &str,
-    ) -> Result<(String, u64, u64), EngineError> {
+    ) -> Result<(Written, u64, u64), EngineError> {
         let urls = source
             .urls
             .iter()
@@ -1236,7 +1255,7 @@ impl Engine {
                 },
             )
         };
-        let written_version: Arc<Mutex<Option<String>>> = Arc::default();
+        let written_version: Arc<Mutex<Option<(String, Option<ImageRef>)>>> = Arc::default();
         let cleared = Arc::new(AtomicBool::new(false));
         let vet: payload::apply::Vet = {
             let cleared = cleared.clone();
@@ -1247,7 +1266,11 @@ impl Engine {
             let target = self.target();
             Arc::new(move |m: &payload::Manifest, sha: &Sha256Hex| {
                 vet_manifest(&job, &source, &booted_version, m, sha)?;
-                *lock(&written_version) = Some(m.target_version.clone());
+                let image = match m.components.as_slice() {
+                    [only] => Some(only.target.clone()),
+                    _ => None,
+                };
+                *lock(&written_version) = Some((m.target_version.clone(), image));
                 // Only now, with every check passed, does the boot state
                 // change: a half-written slot must never boot.
                 let notes = slotctl::open(&target, true)
@@ -1302,11 +1325,12 @@ impl Engine {
         &self,
         job: &Job,
         source: &PayloadSource,
-        version: String,
+        (version, image): Written,
         downloaded: u64,
         resumed: u64,
     ) -> Result<UpdateOutcome, EngineError> {
         self.advance(Event::Verified)?;
+        let finalized = !job.stage_only;
         {
             let mut o = slotctl::open(&self.target(), true)
                 .map_err(|e| EngineError::Slots(format!("{e:#}")))?;
@@ -1335,16 +1359,19 @@ impl Engine {
                     job.slot
                 );
             }
-            let notes = o
-                .backend
-                .set_next(job.slot, 1)
-                .map_err(|e| EngineError::Slots(format!("setting slot {} next: {e}", job.slot)))?;
-            notes.iter().for_each(|n| tracing::warn!("{n}"));
+            if finalized {
+                let notes = o.backend.set_next(job.slot, 1).map_err(|e| {
+                    EngineError::Slots(format!("setting slot {} next: {e}", job.slot))
+                })?;
+                notes.iter().for_each(|n| tracing::warn!("{n}"));
+            }
         }
         let staged = Staged {
             version: version.clone(),
             slot: job.slot,
             time: now_text(),
+            finalized,
+            image,
         };
         self.update(|p| {
             p.staged = Some(staged);
@@ -1353,17 +1380,23 @@ impl Engine {
             p.blocked.remove(&version);
             *p.counters.entry("staged".into()).or_default() += 1;
         })?;
-        self.advance(Event::Staged)?;
+        self.advance(Event::Staged { finalized })?;
         self.record(
             "staged",
             Some(&version),
             format!(
-                "{version} written to slot {} from the {} payload ({downloaded} bytes received, {resumed} resumed requests), verified, and set to boot next",
+                "{version} written to slot {} from the {} payload ({downloaded} bytes received, {resumed} resumed requests), verified, and {}",
                 job.slot,
-                source.kind.as_str()
+                source.kind.as_str(),
+                if finalized {
+                    "set to boot next"
+                } else {
+                    "left for finalize (not set to boot)"
+                }
             ),
         );
         Ok(UpdateOutcome::Staged {
+            finalized,
             version,
             slot: job.slot,
             payload: source.kind,
@@ -1538,12 +1571,22 @@ fn vet_manifest(
     Ok(())
 }
 
+/// What an apply wrote: the version and, for a one-component payload, the
+/// image (size and digest) that finalize reads back.
+type Written = (String, Option<ImageRef>);
+
 fn summarize_outcome(o: &UpdateOutcome) -> String {
     match o {
         UpdateOutcome::UpToDate { version } => format!("up to date at {version}"),
-        UpdateOutcome::Staged { version, slot, .. } => {
-            format!("{version} staged in slot {slot}; reboot to use it")
-        }
+        UpdateOutcome::Staged {
+            version,
+            slot,
+            finalized: true,
+            ..
+        } => format!("{version} staged in slot {slot}; reboot to use it"),
+        UpdateOutcome::Staged { version, slot, .. } => format!(
+            "{version} staged in slot {slot}, not set to boot; `updatectl finalize` sets it next"
+        ),
     }
 }
 

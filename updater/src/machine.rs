@@ -14,8 +14,22 @@ pub enum UpdateState {
     Downloading,
     Verifying,
     Finalizing,
+    /// Written and verified in the inactive slot, not set to boot: an
+    /// unplanned reboot still boots the running image (`updatectl stage`).
+    Staged,
     UpdatedNeedReboot,
     ReportingError,
+}
+
+/// What waits when nothing is under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rest {
+    /// Nothing staged.
+    Nothing,
+    /// An update is staged but not finalized (not set to boot).
+    Staged,
+    /// A finalized update waits for a reboot.
+    NeedReboot,
 }
 
 impl UpdateState {
@@ -27,6 +41,7 @@ impl UpdateState {
             UpdateState::Downloading => "downloading",
             UpdateState::Verifying => "verifying",
             UpdateState::Finalizing => "finalizing",
+            UpdateState::Staged => "staged",
             UpdateState::UpdatedNeedReboot => "updated-need-reboot",
             UpdateState::ReportingError => "reporting-error",
         }
@@ -45,11 +60,11 @@ impl UpdateState {
     }
 
     /// The state to rest in when nothing is under way.
-    pub fn resting(staged: bool) -> UpdateState {
-        if staged {
-            UpdateState::UpdatedNeedReboot
-        } else {
-            UpdateState::Idle
+    pub fn resting(rest: Rest) -> UpdateState {
+        match rest {
+            Rest::Nothing => UpdateState::Idle,
+            Rest::Staged => UpdateState::Staged,
+            Rest::NeedReboot => UpdateState::UpdatedNeedReboot,
         }
     }
 }
@@ -58,10 +73,9 @@ impl UpdateState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     CheckStarted,
-    /// The check found nothing newer; `staged` says whether an update
-    /// waits for a reboot.
+    /// The check found nothing newer; `rest` says what waits.
     UpToDate {
-        staged: bool,
+        rest: Rest,
     },
     UpdateFound,
     /// Writing the inactive slot starts (the slot's boot state was cleared).
@@ -70,23 +84,28 @@ pub enum Event {
     Written,
     /// The slot read back equal to the manifest; the boot entry is next.
     Verified,
-    /// The slot is set to boot next.
-    Staged,
+    /// The slot is verified and its boot files are installed; with
+    /// `finalized` it is also set to boot next.
+    Staged {
+        finalized: bool,
+    },
+    /// A staged update is set to boot next (`updatectl finalize`).
+    Finalized,
     Failed,
     /// The error is recorded; rest again.
     ErrorReported {
-        staged: bool,
+        rest: Rest,
     },
-    /// A person stopped the work; `staged` says whether an earlier staged
+    /// A person stopped the work; `rest` says whether an earlier staged
     /// update still stands (it does unless the slot was already cleared).
     Cancelled {
-        staged: bool,
+        rest: Rest,
     },
     /// Boot entries changed outside an update (a rollback set, a staged
     /// update found not to have booted, a slot marked): rest again, with
-    /// or without something waiting for a reboot.
+    /// or without something waiting.
     BootChanged {
-        staged: bool,
+        rest: Rest,
     },
 }
 
@@ -105,17 +124,19 @@ pub fn next(from: UpdateState, event: Event) -> Result<UpdateState, BadTransitio
     let resting = |s: S| !s.is_busy();
     let to = match (from, event) {
         (s, Event::CheckStarted) if resting(s) => S::Checking,
-        (S::Checking, Event::UpToDate { staged }) => S::resting(staged),
+        (S::Checking, Event::UpToDate { rest }) => S::resting(rest),
         (S::Checking, Event::UpdateFound) => S::UpdateAvailable,
         (s, Event::ApplyStarted) if resting(s) || s == S::Checking => S::Downloading,
         (S::Downloading, Event::Written) => S::Verifying,
         (S::Verifying, Event::Verified) => S::Finalizing,
-        (S::Finalizing, Event::Staged) => S::UpdatedNeedReboot,
+        (S::Finalizing, Event::Staged { finalized: true }) => S::UpdatedNeedReboot,
+        (S::Finalizing, Event::Staged { finalized: false }) => S::Staged,
+        (s, Event::Finalized) if resting(s) && s != S::ReportingError => S::UpdatedNeedReboot,
         (s, Event::Failed) if s.is_busy() => S::ReportingError,
-        (S::ReportingError, Event::ErrorReported { staged }) => S::resting(staged),
-        (s, Event::Cancelled { staged }) if s.is_busy() => S::resting(staged),
-        (s, Event::BootChanged { staged }) if resting(s) && s != S::ReportingError => {
-            S::resting(staged)
+        (S::ReportingError, Event::ErrorReported { rest }) => S::resting(rest),
+        (s, Event::Cancelled { rest }) if s.is_busy() => S::resting(rest),
+        (s, Event::BootChanged { rest }) if resting(s) && s != S::ReportingError => {
+            S::resting(rest)
         }
         (from, event) => return Err(BadTransition { from, event }),
     };
@@ -141,7 +162,7 @@ mod tests {
             Event::ApplyStarted,
             Event::Written,
             Event::Verified,
-            Event::Staged,
+            Event::Staged { finalized: true },
         ] {
             s = next(s, e).unwrap();
             seen.push(s);
@@ -165,7 +186,19 @@ mod tests {
     fn the_boot_entry_cannot_be_reached_without_verifying() {
         // Staged only from finalizing, finalizing only from verifying.
         for from in [S::Idle, S::Checking, S::Downloading, S::Verifying] {
-            assert!(next(from, Event::Staged).is_err(), "{from:?}");
+            for finalized in [true, false] {
+                assert!(next(from, Event::Staged { finalized }).is_err(), "{from:?}");
+            }
+        }
+        // Finalizing (setting a staged slot next) only at rest.
+        for from in [
+            S::Checking,
+            S::Downloading,
+            S::Verifying,
+            S::Finalizing,
+            S::ReportingError,
+        ] {
+            assert!(next(from, Event::Finalized).is_err(), "{from:?}");
         }
         for from in [S::Idle, S::Downloading, S::Finalizing] {
             assert!(next(from, Event::Verified).is_err(), "{from:?}");
@@ -178,36 +211,100 @@ mod tests {
         let s = run(&[Event::ApplyStarted, Event::Failed]).unwrap();
         assert_eq!(s, S::ReportingError);
         assert_eq!(
-            next(s, Event::ErrorReported { staged: false }).unwrap(),
+            next(
+                s,
+                Event::ErrorReported {
+                    rest: Rest::Nothing
+                }
+            )
+            .unwrap(),
             S::Idle
         );
         assert_eq!(
-            next(s, Event::ErrorReported { staged: true }).unwrap(),
+            next(
+                s,
+                Event::ErrorReported {
+                    rest: Rest::NeedReboot
+                }
+            )
+            .unwrap(),
             S::UpdatedNeedReboot
         );
         assert!(next(S::Downloading, Event::ApplyStarted).is_err());
         assert!(next(S::Downloading, Event::CheckStarted).is_err());
         assert!(next(S::Idle, Event::Failed).is_err());
         assert_eq!(
-            run(&[Event::ApplyStarted, Event::Cancelled { staged: false }]).unwrap(),
+            run(&[
+                Event::ApplyStarted,
+                Event::Cancelled {
+                    rest: Rest::Nothing
+                }
+            ])
+            .unwrap(),
             S::Idle
         );
         // A check while an update waits for its reboot comes back to it.
         let s = next(S::UpdatedNeedReboot, Event::CheckStarted).unwrap();
         assert_eq!(
-            next(s, Event::UpToDate { staged: true }).unwrap(),
+            next(
+                s,
+                Event::UpToDate {
+                    rest: Rest::NeedReboot
+                }
+            )
+            .unwrap(),
             S::UpdatedNeedReboot
+        );
+    }
+
+    #[test]
+    fn stage_then_finalize_rests_in_staged_then_needs_a_reboot() {
+        let s = run(&[
+            Event::ApplyStarted,
+            Event::Written,
+            Event::Verified,
+            Event::Staged { finalized: false },
+        ])
+        .unwrap();
+        assert_eq!(s, S::Staged);
+        assert!(!s.is_busy());
+        // A check while staged comes back to staged.
+        let c = next(s, Event::CheckStarted).unwrap();
+        assert_eq!(
+            next(c, Event::UpToDate { rest: Rest::Staged }).unwrap(),
+            S::Staged
+        );
+        assert_eq!(next(s, Event::Finalized).unwrap(), S::UpdatedNeedReboot);
+        assert_eq!(
+            next(
+                S::ReportingError,
+                Event::ErrorReported { rest: Rest::Staged }
+            )
+            .unwrap(),
+            S::Staged
         );
     }
 
     #[test]
     fn boot_changes_happen_only_at_rest() {
         assert_eq!(
-            next(S::Idle, Event::BootChanged { staged: true }).unwrap(),
+            next(
+                S::Idle,
+                Event::BootChanged {
+                    rest: Rest::NeedReboot
+                }
+            )
+            .unwrap(),
             S::UpdatedNeedReboot
         );
         assert_eq!(
-            next(S::UpdatedNeedReboot, Event::BootChanged { staged: false }).unwrap(),
+            next(
+                S::UpdatedNeedReboot,
+                Event::BootChanged {
+                    rest: Rest::Nothing
+                }
+            )
+            .unwrap(),
             S::Idle
         );
         for from in [
@@ -218,7 +315,13 @@ mod tests {
             S::ReportingError,
         ] {
             assert!(
-                next(from, Event::BootChanged { staged: true }).is_err(),
+                next(
+                    from,
+                    Event::BootChanged {
+                        rest: Rest::NeedReboot
+                    }
+                )
+                .is_err(),
                 "{from:?}"
             );
         }
@@ -229,6 +332,7 @@ mod tests {
         for s in [
             S::Idle,
             S::UpdateAvailable,
+            S::Staged,
             S::UpdatedNeedReboot,
             S::ReportingError,
         ] {

@@ -7,13 +7,14 @@ use crate::config::Config;
 use crate::engine::Status;
 use crate::machine::UpdateState;
 
-const STATES: [UpdateState; 8] = [
+const STATES: [UpdateState; 9] = [
     UpdateState::Idle,
     UpdateState::Checking,
     UpdateState::UpdateAvailable,
     UpdateState::Downloading,
     UpdateState::Verifying,
     UpdateState::Finalizing,
+    UpdateState::Staged,
     UpdateState::UpdatedNeedReboot,
     UpdateState::ReportingError,
 ];

@@ -16,10 +16,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use bootconfig::SlotName;
-use payload::format::Sha256Hex;
+use payload::format::{ImageRef, Sha256Hex};
 use serde::{Deserialize, Serialize};
 
-use crate::machine::UpdateState;
+use crate::machine::{Rest, UpdateState};
 
 pub const STATE_FORMAT: u32 = 1;
 /// Events kept in `history.json`; older ones are dropped.
@@ -90,14 +90,31 @@ pub struct Job {
     pub current: usize,
     pub allow_downgrade: bool,
     pub started: String,
+    /// Stage only: written and verified, not set to boot next.
+    #[serde(default)]
+    pub stage_only: bool,
 }
 
-/// An update written, verified and set to boot next.
+/// An update written and verified (stage), then set to boot next
+/// (finalize).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Staged {
     pub version: String,
     pub slot: SlotName,
     pub time: String,
+    /// Set to boot next. `false` while it is only staged: the slot's boot
+    /// state is cleared, so an unplanned reboot boots the running image.
+    /// (State files from before stage and finalize were split only knew
+    /// finalized updates.)
+    #[serde(default = "yes")]
+    pub finalized: bool,
+    /// What the slot holds, read back again before it is finalized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRef>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +179,17 @@ pub struct Assessment {
     pub started: String,
     pub finished: String,
     pub checks: Vec<crate::health::CheckResult>,
+}
+
+impl Persisted {
+    /// What waits while nothing is under way.
+    pub fn rest(&self) -> Rest {
+        match &self.staged {
+            None => Rest::Nothing,
+            Some(s) if s.finalized => Rest::NeedReboot,
+            Some(_) => Rest::Staged,
+        }
+    }
 }
 
 impl Default for Persisted {

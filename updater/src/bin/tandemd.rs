@@ -34,6 +34,8 @@ struct Args {
 
 struct Update1 {
     engine: Arc<Engine>,
+    /// The reboot action, for `Finalize` with a reboot.
+    rebooter: Arc<dyn Rebooter>,
     /// Wakes the reboot strategy after something was staged.
     wake: Arc<tokio::sync::Notify>,
 }
@@ -166,6 +168,45 @@ async fn require_root(conn: &zbus::Connection, header: &Header<'_>) -> fdo::Resu
     Ok(())
 }
 
+impl Update1 {
+    /// Starts an update (`Apply`, or `Stage` with `stage_only`) in the
+    /// background; returns its operation id.
+    fn start_update(
+        &self,
+        version: String,
+        payload: String,
+        allow_downgrade: bool,
+        stage_only: bool,
+    ) -> fdo::Result<u64> {
+        let wanted = match (version.is_empty(), payload.is_empty()) {
+            (true, true) => Wanted::Latest,
+            (false, true) => Wanted::Version(version),
+            (true, false) => Wanted::Payload(payload),
+            (false, false) => {
+                return Err(fdo::Error::InvalidArgs(
+                    "give a version or a payload, not both".into(),
+                ))
+            }
+        };
+        let ticket = self.engine.begin("update").map_err(failed)?;
+        let id = ticket.id;
+        let engine = self.engine.clone();
+        let request = UpdateRequest {
+            wanted,
+            allow_downgrade,
+            stage_only,
+        };
+        let wake = self.wake.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = engine.update_with(ticket, &request) {
+                tracing::error!("update failed: {e}");
+            }
+            wake.notify_one();
+        });
+        Ok(id)
+    }
+}
+
 #[zbus::interface(name = "org.tandem.Update1")]
 impl Update1 {
     /// Checks the index; returns the check report (JSON).
@@ -183,9 +224,10 @@ impl Update1 {
         serde_json::to_string(&report).map_err(|e| fdo::Error::Failed(e.to_string()))
     }
 
-    /// Starts an update: `version` empty for the newest, or a version;
-    /// `payload` a URL or absolute path to install without an index.
-    /// Returns the operation id that `last_result` will carry.
+    /// Starts an update (stage, then finalize): `version` empty for the
+    /// newest, or a version; `payload` a URL or absolute path to install
+    /// without an index. Returns the operation id that `last_result` will
+    /// carry.
     async fn apply(
         &self,
         version: String,
@@ -195,31 +237,39 @@ impl Update1 {
         #[zbus(header)] header: Header<'_>,
     ) -> fdo::Result<u64> {
         require_root(conn, &header).await?;
-        let wanted = match (version.is_empty(), payload.is_empty()) {
-            (true, true) => Wanted::Latest,
-            (false, true) => Wanted::Version(version),
-            (true, false) => Wanted::Payload(payload),
-            (false, false) => {
-                return Err(fdo::Error::InvalidArgs(
-                    "give a version or a payload, not both".into(),
-                ))
-            }
-        };
-        let ticket = self.engine.begin("update").map_err(failed)?;
-        let id = ticket.id;
+        self.start_update(version, payload, allow_downgrade, false)
+    }
+
+    /// Starts a stage: as `Apply`, but the slot is not set to boot (an
+    /// unplanned reboot still boots the running image) until `Finalize`.
+    async fn stage(
+        &self,
+        version: String,
+        payload: String,
+        allow_downgrade: bool,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> fdo::Result<u64> {
+        require_root(conn, &header).await?;
+        self.start_update(version, payload, allow_downgrade, true)
+    }
+
+    /// Reads the staged slot back, sets it to boot next and, with `reboot`,
+    /// reboots at once through the reboot action (else the reboot strategy
+    /// applies). Returns what was done.
+    async fn finalize(
+        &self,
+        reboot: bool,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> fdo::Result<String> {
+        require_root(conn, &header).await?;
         let engine = self.engine.clone();
-        let request = UpdateRequest {
-            wanted,
-            allow_downgrade,
-        };
-        let wake = self.wake.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = engine.update_with(ticket, &request) {
-                tracing::error!("update failed: {e}");
-            }
-            wake.notify_one();
-        });
-        Ok(id)
+        let rebooter = self.rebooter.clone();
+        let message =
+            blocking(move || engine.finalize(reboot.then_some(rebooter.as_ref()))).await?;
+        self.wake.notify_one();
+        Ok(message)
     }
 
     /// Boots the other slot next when it is good (`updatectl rollback`);
@@ -505,6 +555,7 @@ async fn schedule(engine: Arc<Engine>, wake: Arc<tokio::sync::Notify>) {
                 .update_now(&UpdateRequest {
                     wanted: Wanted::Latest,
                     allow_downgrade: false,
+                    stage_only: false,
                 })
                 .map(|_| ()),
         })
@@ -559,6 +610,7 @@ async fn run(args: Args) -> Result<()> {
             updater::bus::PATH,
             Update1 {
                 engine: engine.clone(),
+                rebooter: rebooter.clone(),
                 wake: wake.clone(),
             },
         )

@@ -41,7 +41,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Install an update into the other slot and set it to boot next.
+    /// Install an update into the other slot and set it to boot next
+    /// (stage, then finalize; the reboot strategy then applies).
     Apply {
         /// The version to install (default: the newest this node may take).
         version: Option<String>,
@@ -52,6 +53,31 @@ enum Command {
         #[arg(long)]
         allow_downgrade: bool,
         /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write and verify an update into the other slot without setting it
+    /// to boot: an unplanned reboot still boots the running image.
+    Stage {
+        /// The version to stage (default: the newest this node may take).
+        version: Option<String>,
+        /// Stage this payload (URL or file) instead of asking the index.
+        #[arg(long, value_name = "URL|FILE", conflicts_with = "version")]
+        payload: Option<String>,
+        /// Allow staging a version older than the booted one.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Print the status document as JSON when done.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read the staged slot back once more, set it to boot next and reboot
+    /// through the reboot action.
+    Finalize {
+        /// Set it next but leave the reboot to the reboot strategy.
+        #[arg(long)]
+        no_reboot: bool,
+        /// Print the status document as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -204,6 +230,31 @@ fn main() -> ExitCode {
                 version,
                 payload,
                 allow_downgrade,
+                stage_only: false,
+                json,
+            },
+            cli.offline,
+            &cli.root,
+        ),
+        Command::Stage {
+            version,
+            payload,
+            allow_downgrade,
+            json,
+        } => client::run(
+            Request::Apply {
+                version,
+                payload,
+                allow_downgrade,
+                stage_only: true,
+                json,
+            },
+            cli.offline,
+            &cli.root,
+        ),
+        Command::Finalize { no_reboot, json } => client::run(
+            Request::Finalize {
+                reboot: !no_reboot,
                 json,
             },
             cli.offline,

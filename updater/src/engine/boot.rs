@@ -78,12 +78,48 @@ pub fn arrival(
     }
     match staged {
         Some(s) if s.slot == booted => Arrival::BootedInto(s.clone()),
-        Some(s) if status(s.slot) == SlotStatus::Unbootable => Arrival::NeverBooted {
-            update: s.clone(),
-            reason: "did not boot".into(),
-        },
+        // Only a finalized update was meant to boot: one that is only
+        // staged waits for its finalize, across reboots.
+        Some(s) if s.finalized && status(s.slot) == SlotStatus::Unbootable => {
+            Arrival::NeverBooted {
+                update: s.clone(),
+                reason: "did not boot".into(),
+            }
+        }
         _ => Arrival::Nothing,
     }
+}
+
+/// The digest of a slot's first `size` bytes, read from the disk.
+fn read_back(
+    disk: &std::path::Path,
+    slot: &bootconfig::Slot,
+    size: u64,
+) -> Result<payload::format::Sha256Hex, EngineError> {
+    let io = |e: std::io::Error| {
+        EngineError::System(format!(
+            "reading slot {} of {} back: {e}",
+            slot.name,
+            disk.display()
+        ))
+    };
+    if size > slot.size {
+        return Err(EngineError::Refused(format!(
+            "slot {} ({} bytes) is smaller than the {size}-byte image staged in it",
+            slot.name, slot.size
+        )));
+    }
+    let file = std::fs::File::open(disk).map_err(io)?;
+    let region = payload::Region::new(
+        file,
+        payload::ByteRange {
+            offset: slot.offset,
+            len: slot.size,
+        },
+    );
+    Ok(payload::digest::digest_file(&region, size)
+        .map_err(io)?
+        .sha256)
 }
 
 fn slots_err(e: impl std::fmt::Display) -> EngineError {
@@ -115,11 +151,11 @@ impl Engine {
 
     /// Rests the state machine after a boot entry changed, when it rests.
     fn rest_after_boot_change(&self) -> Result<(), EngineError> {
-        let (state, staged) = {
+        let (state, rest) = {
             let p = lock(&self.persisted);
-            (p.state, p.staged.is_some())
+            (p.state, p.rest())
         };
-        if let Ok(to) = machine::next(state, Event::BootChanged { staged }) {
+        if let Ok(to) = machine::next(state, Event::BootChanged { rest }) {
             self.update(|p| p.state = to)?;
         }
         Ok(())
@@ -347,6 +383,125 @@ impl Engine {
         })
     }
 
+    /// `updatectl finalize`: sets the staged slot to boot next, after
+    /// reading it back once more. With `rebooter` (a caller that drained
+    /// the node) it reboots at once; without, the reboot strategy applies.
+    /// Finalizing what is finalized already changes nothing.
+    pub fn finalize(&self, rebooter: Option<&dyn Rebooter>) -> Result<String, EngineError> {
+        let ticket = self.begin("finalize")?;
+        self.operate(
+            ticket,
+            |m: &String| m.clone(),
+            || {
+                let result = self.finalize_inner(rebooter);
+                if let Err(e) = &result {
+                    let version = lock(&self.persisted)
+                        .staged
+                        .as_ref()
+                        .map(|s| s.version.clone());
+                    self.failed(e, version.as_deref());
+                }
+                result
+            },
+        )
+    }
+
+    fn finalize_inner(&self, rebooter: Option<&dyn Rebooter>) -> Result<String, EngineError> {
+        let (staged, job) = {
+            let p = lock(&self.persisted);
+            (p.staged.clone(), p.job.is_some())
+        };
+        if job {
+            return Err(EngineError::Refused(
+                "an update is being written; finalize once it is staged".into(),
+            ));
+        }
+        let staged = staged.ok_or(EngineError::NotStaged)?;
+        let mut message = if staged.finalized {
+            format!(
+                "{} in slot {} was finalized already",
+                staged.version, staged.slot
+            )
+        } else {
+            self.finalize_staged(&staged)?;
+            format!(
+                "{} in slot {} boots next (one try)",
+                staged.version, staged.slot
+            )
+        };
+        if let Some(rebooter) = rebooter {
+            let why = format!("finalize: into {} in slot {}", staged.version, staged.slot);
+            self.reboot_now(rebooter, Some(&staged.version), &why)
+                .map_err(EngineError::System)?;
+            let asked = Staged {
+                finalized: true,
+                ..staged
+            };
+            lock(&self.live).reboot.asked_for = Some(asked);
+            self.set_reboot_status("rebooting", why, None);
+            message.push_str("; rebooting");
+        }
+        Ok(message)
+    }
+
+    /// Reads the staged slot back against the digest recorded when it was
+    /// staged, then sets it to boot next (one try). A slot that no longer
+    /// holds what was staged is forgotten and never set next.
+    pub(super) fn finalize_staged(&self, staged: &Staged) -> Result<(), EngineError> {
+        let (disk, slot, booted) = {
+            let o = self.open_slots(false)?;
+            (
+                o.disk_path.clone(),
+                o.slots[staged.slot.index()].clone(),
+                o.booted,
+            )
+        };
+        if booted == Some(staged.slot) {
+            return Err(EngineError::Refused(format!(
+                "slot {} is booted now; there is nothing to finalize",
+                staged.slot
+            )));
+        }
+        if let Some(image) = &staged.image {
+            // The operation under way (`finalize`) shows in the status.
+            let found = read_back(&disk, &slot, image.size)?;
+            if found != image.digest.sha256 {
+                self.update(|p| p.staged = None)?;
+                self.rest_after_boot_change()?;
+                return Err(EngineError::Refused(format!(
+                    "slot {} no longer holds the staged {} (its SHA-256 is {found}, {} was staged); it is not set to boot: stage the update again",
+                    staged.slot, staged.version, image.digest.sha256
+                )));
+            }
+        } else {
+            tracing::warn!(
+                "slot {}: no digest recorded at staging (an older state file); it was verified when staged",
+                staged.slot
+            );
+        }
+        let notes = self
+            .open_slots(true)?
+            .backend
+            .set_next(staged.slot, 1)
+            .map_err(|e| EngineError::Slots(format!("setting slot {} next: {e}", staged.slot)))?;
+        notes.iter().for_each(|n| tracing::warn!("{n}"));
+        self.update(|p| {
+            if let Some(s) = p.staged.as_mut() {
+                s.finalized = true;
+            }
+        })?;
+        self.advance(Event::Finalized)?;
+        self.record(
+            "finalized",
+            Some(&staged.version),
+            format!(
+                "{} in slot {} read back equal to what was staged and set to boot next",
+                staged.version, staged.slot
+            ),
+        );
+        Ok(())
+    }
+
     /// `updatectl rollback`: boots the other slot next (on trial), when it
     /// is marked good. The reboot strategy then applies, as to an update.
     pub fn rollback(&self) -> Result<String, EngineError> {
@@ -390,6 +545,8 @@ impl Engine {
                         version: version.clone(),
                         slot: other,
                         time: now_text(),
+                        finalized: true,
+                        image: None,
                     });
                     p.trial = None;
                     count(p, "rollbacks/manual");
@@ -491,7 +648,8 @@ impl Engine {
             return Some(Duration::from_secs(1));
         }
         let cfg = &self.config.reboot;
-        let staged = lock(&self.persisted).staged.clone();
+        // Only a finalized update waits for a reboot.
+        let staged = lock(&self.persisted).staged.clone().filter(|s| s.finalized);
         let Some(staged) = staged else {
             let mut live = lock(&self.live);
             live.reboot.status = None;
@@ -649,6 +807,8 @@ mod tests {
             version: v.into(),
             slot,
             time: String::new(),
+            finalized: true,
+            image: None,
         }
     }
 
@@ -688,5 +848,15 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(arrival(None, None, A, st(Good, Good)), Arrival::Nothing);
+        // Only staged (never set next): its cleared slot is no failed boot,
+        // and it stays staged across reboots.
+        let only = Staged {
+            finalized: false,
+            ..s.clone()
+        };
+        assert_eq!(
+            arrival(Some(&only), None, A, st(Good, Unbootable)),
+            Arrival::Nothing
+        );
     }
 }
