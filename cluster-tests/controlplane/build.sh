@@ -37,6 +37,10 @@ import (
 GO
 go mod edit -require "k8s.io/kubernetes@$K8S_VERSION"
 go mod tidy
-go build -trimpath -ldflags=-s -o "$out/bin/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
+minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+v=k8s.io/component-base/version
+go build -trimpath -o "$out/bin/" \
+    -ldflags="-s -X $v.gitVersion=$K8S_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
 "$out/bin/etcd" --version | head -1
 "$out/bin/kube-apiserver" --version

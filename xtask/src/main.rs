@@ -2,6 +2,9 @@
 //!
 //! - `cargo xtask test`: installs the Debian packages the tests need (when
 //!   run as root), then runs every test in the workspace, the VM tests last.
+//! - `cargo xtask cluster-build`: builds (once, cached) the Kubernetes
+//!   control plane the cluster tests run against, and prints the
+//!   `TANDEM_CONTROL_PLANE` to set for running them by hand.
 //! - `cargo xtask vm-test`: only the VM tests (`qemu-tests/`): four boot
 //!   scenarios in QEMU with OVMF, systemd-boot and real reboots.
 //! - `cargo xtask lint`: `cargo fmt --check` and `cargo clippy -D warnings`.
@@ -13,6 +16,7 @@
 //!   simulated (no VM): payloads, the daemon, GRUB's gptprio rules.
 
 mod bench;
+mod cluster;
 mod vm;
 
 use std::env;
@@ -29,8 +33,9 @@ use bootconfig::{BootBackend, SlotLayout};
 /// Debian packages the tests and the demo run: sgdisk, cgpt, bootctl,
 /// GnuPG (payload signatures made and checked by gpg), mkfs.ext4, the
 /// Prometheus reference parser (the metrics test reads tandem's metrics
-/// with it).
-pub(crate) const PACKAGES: [&str; 8] = [
+/// with it), openssl and curl (the cluster tests' certificates and the API
+/// server's readiness).
+pub(crate) const PACKAGES: [&str; 10] = [
     "gdisk",
     "cgpt",
     "systemd-boot",
@@ -39,6 +44,8 @@ pub(crate) const PACKAGES: [&str; 8] = [
     "dbus-daemon",
     "util-linux",
     "python3-prometheus-client",
+    "openssl",
+    "curl",
 ];
 
 fn main() -> std::process::ExitCode {
@@ -49,9 +56,10 @@ fn main() -> std::process::ExitCode {
         "demo" => vm::demo(),
         "demo-disk" => demo(),
         "vm-test" => vm::vm_test(),
+        "cluster-build" => cluster::build_task(),
         "bench" => run_bench(),
         _ => Err(anyhow::anyhow!(
-            "unknown task {task:?}; usage: cargo xtask test | vm-test | lint | demo | demo-disk | bench"
+            "unknown task {task:?}; usage: cargo xtask test | vm-test | cluster-build | lint | demo | demo-disk | bench"
         )),
     };
     match result {
@@ -152,13 +160,19 @@ fn run_bench() -> Result<()> {
 
 fn test() -> Result<()> {
     ensure_packages(&PACKAGES)?;
-    run(cargo().args([
-        "test",
-        "--workspace",
-        "--all-targets",
-        "--exclude",
-        "tandem-qemu-tests",
-    ]))?;
+    let control_plane = cluster::build()?;
+    // The cluster tests run the binaries of other crates (tandemd,
+    // updatectl, tandem-agent): built first, as they ship.
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo()
+        .args([
+            "test",
+            "--workspace",
+            "--all-targets",
+            "--exclude",
+            "tandem-qemu-tests",
+        ])
+        .env("TANDEM_CONTROL_PLANE", &control_plane))?;
     vm::vm_test()
 }
 

@@ -24,6 +24,28 @@ use tandem_testkit::http::HttpServer;
 use tandem_testkit::{image_pair, DiskImage, TempDir};
 
 pub const MIB: usize = 1 << 20;
+
+/// A workspace binary. Cargo names the updater's own for its tests; the
+/// tests of other crates that share these fixtures (cluster-tests) find
+/// them beside their own executable, in the target folder.
+pub fn bin(name: &str) -> PathBuf {
+    let given = match name {
+        "tandemd" => option_env!("CARGO_BIN_EXE_tandemd"),
+        "updatectl" => option_env!("CARGO_BIN_EXE_updatectl"),
+        _ => None,
+    };
+    if let Some(p) = given {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first (`cargo build --bins`; cargo xtask test does)",
+        path.display()
+    );
+    path
+}
 pub const SECTOR: u64 = 512;
 
 /// Images, keys and payloads, served from `www`.
@@ -289,7 +311,7 @@ textfile = "{metrics}"
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tandemd"))
+        let child = Command::new(bin("tandemd"))
             .arg("--root")
             .arg(&self.root)
             .env("DBUS_SYSTEM_BUS_ADDRESS", self.bus.address())
@@ -325,7 +347,7 @@ textfile = "{metrics}"
     }
 
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_updatectl"))
+        Command::new(bin("updatectl"))
             .args(args)
             .env("DBUS_SYSTEM_BUS_ADDRESS", self.bus.address())
             .output()
