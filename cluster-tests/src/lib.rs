@@ -242,6 +242,9 @@ impl ControlPlane {
                 format!("--service-account-signing-key-file={}", p("sa.key")),
                 "--service-cluster-ip-range=10.96.0.0/24".into(),
                 "--enable-priority-and-fairness=false".into(),
+                // No service-account controller runs (nor any kubelet that
+                // would mount tokens): pods need no "default" account.
+                "--disable-admission-plugins=ServiceAccount".into(),
                 format!("--cert-dir={}", p("certs")),
             ],
             &d.join("kube-apiserver.log"),
@@ -409,37 +412,103 @@ impl Kubelet {
     }
 }
 
-/// Creates the ClusterRoles of a manifest in `deploy/` and binds each to
-/// `group` (a test user's group, standing for the ServiceAccount the
-/// manifest binds), so that a test runs with exactly the shipped rights.
+/// Creates the ClusterRoles and Roles of a manifest in `deploy/` and binds
+/// each to `group` (a test user's group, standing for the ServiceAccount
+/// the manifest binds), so that a test runs with exactly the shipped
+/// rights. Namespaces in the manifest are created too.
 pub async fn grant_roles(admin: &kube::Client, manifest: &Path, group: &str) -> Vec<String> {
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     let text = fs::read_to_string(manifest).unwrap();
-    let roles: Api<ClusterRole> = Api::all(admin.clone());
-    let bindings: Api<ClusterRoleBinding> = Api::all(admin.clone());
     let mut names = Vec::new();
+    let subject = serde_json::json!([{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}]);
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let yaml = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
         let value = serde_json::to_value(yaml).unwrap();
-        if value["kind"] != "ClusterRole" {
-            continue;
+        let name = value["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        match value["kind"].as_str() {
+            Some("Namespace") => {
+                let api: Api<Namespace> = Api::all(admin.clone());
+                let ns: Namespace = serde_json::from_value(value).unwrap();
+                let _ = api.create(&PostParams::default(), &ns).await;
+            }
+            Some("ClusterRole") => {
+                let role: ClusterRole = serde_json::from_value(value).unwrap();
+                Api::<ClusterRole>::all(admin.clone())
+                    .create(&PostParams::default(), &role)
+                    .await
+                    .unwrap();
+                let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("{name}-test")},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                    "subjects": subject,
+                }))
+                .unwrap();
+                Api::<ClusterRoleBinding>::all(admin.clone())
+                    .create(&PostParams::default(), &binding)
+                    .await
+                    .unwrap();
+                names.push(name);
+            }
+            Some("Role") => {
+                let ns = value["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_owned();
+                let role: Role = serde_json::from_value(value).unwrap();
+                Api::<Role>::namespaced(admin.clone(), &ns)
+                    .create(&PostParams::default(), &role)
+                    .await
+                    .unwrap();
+                let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("{name}-test")},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                    "subjects": subject,
+                }))
+                .unwrap();
+                Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+                    .create(&PostParams::default(), &binding)
+                    .await
+                    .unwrap();
+                names.push(name);
+            }
+            _ => {}
         }
-        let role: ClusterRole = serde_json::from_value(value).unwrap();
-        let name = role.metadata.name.clone().unwrap();
-        roles.create(&PostParams::default(), &role).await.unwrap();
-        let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": format!("{name}-test")},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}],
-        }))
-        .unwrap();
-        bindings
-            .create(&PostParams::default(), &binding)
-            .await
-            .unwrap();
-        names.push(name);
     }
     names
+}
+
+/// Creates the CRDs of a manifest and waits until they are established.
+pub async fn install_crds(admin: &kube::Client, manifest: &Path) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let api: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    let text = fs::read_to_string(manifest).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let yaml = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
+        let crd: CustomResourceDefinition = serde_yaml::from_value(yaml).unwrap();
+        let name = crd.metadata.name.clone().unwrap();
+        api.create(&PostParams::default(), &crd).await.unwrap();
+        eventually(
+            &format!("CRD {name} established"),
+            Duration::from_secs(30),
+            || {
+                let api = api.clone();
+                let name = name.clone();
+                async move {
+                    let c = api.get(&name).await.ok()?;
+                    c.status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
 }
 
 /// The repository's root (for `deploy/`).
@@ -467,4 +536,78 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A workspace binary, beside the test executable in the target folder.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first (`cargo build --bins`; cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// A process started by a test; killed when dropped.
+#[derive(Debug)]
+pub struct Process {
+    child: Option<Child>,
+}
+
+impl Process {
+    pub fn spawn(command: &mut Command, log: &Path) -> Process {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        Process { child: Some(child) }
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// tandem-agent for `node`, on the bus at `bus`, as the `tandem-agent` user.
+pub fn start_agent(cp: &ControlPlane, node: &str, bus: &str, log: &Path) -> Process {
+    Process::spawn(
+        Command::new(workspace_bin("tandem-agent"))
+            .args(["--node", node, "--poll-seconds", "1"])
+            .env("KUBECONFIG", cp.kubeconfig("tandem-agent"))
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus),
+        log,
+    )
+}
+
+/// tandem-operator as the `tandem-operator` user, deciding every 300 ms,
+/// with a 5 s lease; its metrics on 127.0.0.1:`metrics_port`.
+pub fn start_operator(cp: &ControlPlane, identity: &str, metrics_port: u16) -> Process {
+    Process::spawn(
+        Command::new(workspace_bin("tandem-operator"))
+            .args(["run", "--interval-ms", "300", "--lease-seconds", "5"])
+            .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))
+            .arg(format!("--identity={identity}"))
+            .env("KUBECONFIG", cp.kubeconfig("tandem-operator"))
+            .env("POD_NAMESPACE", "tandem-system"),
+        &cp.dir.path().join("operator.log"),
+    )
 }

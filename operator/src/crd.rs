@@ -63,6 +63,7 @@ pub struct TandemPoolSpec {
     /// When disruption may start (none: always). Staging is allowed
     /// outside them; nodes in flight finish.
     #[serde(default)]
+    #[schemars(length(max = 16))]
     pub maintenance_windows: Vec<MaintenanceWindow>,
     #[serde(default)]
     pub drain: DrainSpec,
@@ -123,9 +124,14 @@ impl IntOrPercent {
 /// A weekly window: on `days`, from `start` for `length`, in `timeZone`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.days.all(d, d in ['Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat', 'Sun'])",
+    "message": "days are Mon, Tue, Wed, Thu, Fri, Sat or Sun"
+}]))]
 pub struct MaintenanceWindow {
     /// `Mon`..`Sun`; empty: every day.
     #[serde(default)]
+    #[schemars(length(max = 7), inner(length(max = 3)))]
     pub days: Vec<String>,
     /// `HH:MM`.
     #[schemars(regex(pattern = r"^[0-2][0-9]:[0-5][0-9]$"))]
@@ -164,6 +170,7 @@ pub struct DrainSpec {
     /// The pods' termination grace period for the eviction; default: the
     /// pod's own.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub grace_period_seconds: Option<i64>,
 }
 

@@ -1255,7 +1255,7 @@ impl Engine {
                 },
             )
         };
-        let written_version: Arc<Mutex<Option<(String, Option<ImageRef>)>>> = Arc::default();
+        let written_version: Arc<Mutex<Option<Written>>> = Arc::default();
         let cleared = Arc::new(AtomicBool::new(false));
         let vet: payload::apply::Vet = {
             let cleared = cleared.clone();

@@ -84,7 +84,7 @@ fn a_staged_slot_never_boots_until_finalize_which_reboots_once_and_health_commit
     assert_eq!(node.reboot(["1.0.0", "2.0.0"]), "B");
     let s = node.wait_health();
     assert_eq!(s["health"], "passed", "{s}");
-    assert_eq!(node.disk.cgpt_prio(4).2, true);
+    assert!(node.disk.cgpt_prio(4).2);
     assert_eq!(s["booted_version"], "2.0.0");
     assert!(s["staged"].is_null(), "{s}");
 }
