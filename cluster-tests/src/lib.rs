@@ -541,7 +541,10 @@ where
 /// A workspace binary, beside the test executable in the target folder.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    let dir = exe.parent().unwrap();
+    // A test runs from target/PROFILE/deps, a binary from target/PROFILE.
+    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let path = dir.join(name);
     assert!(
         path.is_file(),
         "{} is missing: build it first (`cargo build --bins`; cargo xtask test does)",

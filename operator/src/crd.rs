@@ -312,3 +312,40 @@ pub struct NodeState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn deploy_crd_yaml_is_what_the_types_generate() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crd.yaml");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let body: String = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let generated = serde_yaml::to_string(&TandemPool::crd()).unwrap_or_default();
+        assert!(
+            body == generated,
+            "deploy/crd.yaml is stale: regenerate it with `tandem-operator crd` (see the README)"
+        );
+    }
+
+    #[test]
+    fn specs_take_their_defaults() {
+        let spec: TandemPoolSpec =
+            serde_json::from_value(serde_json::json!({"targetVersion": "2.0.0"})).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.max_unavailable, IntOrPercent::Count(1));
+        assert_eq!((spec.canary, spec.max_failures), (1, 2));
+        assert_eq!(spec.drain.timeout, "30m");
+        assert_eq!(spec.drain.on_timeout, OnTimeout::Skip);
+        let pct: TandemPoolSpec = serde_json::from_value(
+            serde_json::json!({"targetVersion": "2", "maxUnavailable": "10%"}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pct.max_unavailable, IntOrPercent::Percent("10%".into()));
+    }
+}

@@ -78,3 +78,29 @@ pub fn build_task() -> Result<()> {
     println!("export TANDEM_CONTROL_PLANE={}", bin.display());
     Ok(())
 }
+
+/// `cargo xtask fleet-bench [ARGS]`: tandem-operator (release) rolling
+/// 1,000 simulated nodes on the real control plane; see
+/// `cluster-tests/src/bin/fleet-bench.rs`.
+pub fn fleet_bench() -> Result<()> {
+    crate::ensure_packages(&["openssl", "curl"])?;
+    let bin = build()?;
+    run(crate::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "tandem-operator",
+        "-p",
+        "tandem-cluster-tests",
+        "--bin",
+        "tandem-operator",
+        "--bin",
+        "fleet-bench",
+    ]))?;
+    let target = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    run(Command::new(target.join("release/fleet-bench"))
+        .args(env::args().skip(2))
+        .env("TANDEM_CONTROL_PLANE", &bin))
+}

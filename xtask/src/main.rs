@@ -5,6 +5,9 @@
 //! - `cargo xtask cluster-build`: builds (once, cached) the Kubernetes
 //!   control plane the cluster tests run against, and prints the
 //!   `TANDEM_CONTROL_PLANE` to set for running them by hand.
+//! - `cargo xtask fleet-bench`: tandem-operator rolling 1,000 simulated
+//!   nodes on the real control plane (time against the ideal, API requests
+//!   per node, peak RSS, and the halt at a 20% failure rate).
 //! - `cargo xtask vm-test`: only the VM tests (`qemu-tests/`): four boot
 //!   scenarios in QEMU with OVMF, systemd-boot and real reboots.
 //! - `cargo xtask lint`: `cargo fmt --check` and `cargo clippy -D warnings`.
@@ -57,9 +60,10 @@ fn main() -> std::process::ExitCode {
         "demo-disk" => demo(),
         "vm-test" => vm::vm_test(),
         "cluster-build" => cluster::build_task(),
+        "fleet-bench" => cluster::fleet_bench(),
         "bench" => run_bench(),
         _ => Err(anyhow::anyhow!(
-            "unknown task {task:?}; usage: cargo xtask test | vm-test | cluster-build | lint | demo | demo-disk | bench"
+            "unknown task {task:?}; usage: cargo xtask test | vm-test | cluster-build | fleet-bench | lint | demo | demo-disk | bench"
         )),
     };
     match result {
