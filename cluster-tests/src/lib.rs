@@ -543,7 +543,11 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
     // A test runs from target/PROFILE/deps, a binary from target/PROFILE.
-    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -23,6 +24,9 @@ use crate::crd::{
     STATE_ANNOTATION,
 };
 use crate::decide::{decide, NodeAction, NodeView, Plan, PoolView};
+
+/// Nodes whose actions run at once in a round.
+const PARALLEL: usize = 32;
 
 /// Why a round failed.
 #[derive(Debug, thiserror::Error)]
@@ -319,26 +323,44 @@ impl Controller {
         let name = pool.name_any();
         let mut views: Vec<NodeView> = nodes.iter().map(node_view).collect();
         let gate = &pool.spec.health.pod_selector;
-        for v in &mut views {
-            let Some(s) = v.state.as_ref().filter(|s| s.pool == name) else {
-                continue;
-            };
-            use crate::crd::Phase;
-            if s.phase == Phase::Draining
-                || (!gate.is_empty() && matches!(s.phase, Phase::Rebooting | Phase::Soaking))
-            {
-                let pods = self.pods_on(&v.name).await?;
-                v.pods_left = pods.iter().filter(|p| must_leave(p)).count();
-                let gated: Vec<&Pod> = pods
-                    .iter()
-                    .filter(|p| {
-                        let labels = p.metadata.labels.clone().unwrap_or_default();
-                        gate.iter().all(|(k, val)| labels.get(k) == Some(val))
+        use crate::crd::Phase;
+        let wanted: Vec<usize> = views
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| {
+                v.state
+                    .as_ref()
+                    .filter(|s| s.pool == name)
+                    .is_some_and(|s| {
+                        s.phase == Phase::Draining
+                            || (!gate.is_empty()
+                                && matches!(s.phase, Phase::Rebooting | Phase::Soaking))
                     })
-                    .collect();
-                v.gated_pods_ready =
-                    gate.is_empty() || (!gated.is_empty() && gated.iter().all(|p| pod_ready(p)));
-            }
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let listed: Vec<(usize, Result<Vec<Pod>, ControlError>)> =
+            futures_util::stream::iter(wanted)
+                .map(|i| {
+                    let node = views[i].name.clone();
+                    async move { (i, self.pods_on(&node).await) }
+                })
+                .buffer_unordered(PARALLEL)
+                .collect()
+                .await;
+        for (i, pods) in listed {
+            let pods = pods?;
+            let v = &mut views[i];
+            v.pods_left = pods.iter().filter(|p| must_leave(p)).count();
+            let gated: Vec<&Pod> = pods
+                .iter()
+                .filter(|p| {
+                    let labels = p.metadata.labels.clone().unwrap_or_default();
+                    gate.iter().all(|(k, val)| labels.get(k) == Some(val))
+                })
+                .collect();
+            v.gated_pods_ready =
+                gate.is_empty() || (!gated.is_empty() && gated.iter().all(|p| pod_ready(p)));
         }
         let view = PoolView {
             name: name.clone(),
@@ -348,36 +370,18 @@ impl Controller {
         };
         let plan = decide(&view, &views, jiff::Timestamp::now());
         let by_name: BTreeMap<String, &Node> = nodes.iter().map(|n| (n.name_any(), n)).collect();
-        for (node, actions) in &plan.actions {
-            self.carry_out(node, actions, pool).await?;
-        }
-        for e in &plan.events {
-            if let Some(n) = by_name.get(&e.node) {
-                let reference = ObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Node".into()),
-                    name: Some(e.node.clone()),
-                    uid: n.metadata.uid.clone(),
-                    ..ObjectReference::default()
-                };
-                self.counters.request();
-                let event = Event {
-                    type_: if e.warning {
-                        EventType::Warning
-                    } else {
-                        EventType::Normal
-                    },
-                    reason: e.reason.clone(),
-                    note: Some(format!("pool {name}: {}", e.message)),
-                    action: e.reason.clone(),
-                    secondary: None,
-                };
-                if let Err(err) = self.recorder.publish(&event, &reference).await {
-                    tracing::warn!("event for {}: {err}", e.node);
-                }
-            }
-            tracing::info!("{name}/{}: {}: {}", e.node, e.reason, e.message);
-        }
+        // Nodes are independent: their actions run side by side (each
+        // node's in order), so a wave of a hundred nodes is one round.
+        let results: Vec<Result<(), ControlError>> = futures_util::stream::iter(&plan.actions)
+            .map(|(node, actions)| self.carry_out(node, actions, pool))
+            .buffer_unordered(PARALLEL)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        let events = futures_util::stream::iter(&plan.events)
+            .map(|e| self.note(e, &name, by_name.get(&e.node).copied()))
+            .buffer_unordered(PARALLEL);
+        events.collect::<Vec<()>>().await;
         let mut status = plan.status.clone();
         status.observed_generation = pool.metadata.generation;
         if pool.status.as_ref() != Some(&status) {
@@ -405,6 +409,34 @@ impl Controller {
                 .map_err(api(format!("removing {CLEAR_HALT_ANNOTATION} from {name}")))?;
         }
         Ok(plan)
+    }
+
+    /// A Kubernetes Event on the node, and the same line in the log.
+    async fn note(&self, e: &crate::decide::EventNote, pool: &str, node: Option<&Node>) {
+        tracing::info!("{pool}/{}: {}: {}", e.node, e.reason, e.message);
+        let Some(n) = node else { return };
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(e.node.clone()),
+            uid: n.metadata.uid.clone(),
+            ..ObjectReference::default()
+        };
+        self.counters.request();
+        let event = Event {
+            type_: if e.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: e.reason.clone(),
+            note: Some(format!("pool {pool}: {}", e.message)),
+            action: e.reason.clone(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!("event for {}: {err}", e.node);
+        }
     }
 
     async fn patch_node(&self, node: &str, patch: serde_json::Value) -> Result<(), ControlError> {

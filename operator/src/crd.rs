@@ -337,7 +337,8 @@ mod tests {
     #[test]
     fn specs_take_their_defaults() {
         let spec: TandemPoolSpec =
-            serde_json::from_value(serde_json::json!({"targetVersion": "2.0.0"})).unwrap_or_else(|e| panic!("{e}"));
+            serde_json::from_value(serde_json::json!({"targetVersion": "2.0.0"}))
+                .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(spec.max_unavailable, IntOrPercent::Count(1));
         assert_eq!((spec.canary, spec.max_failures), (1, 2));
         assert_eq!(spec.drain.timeout, "30m");

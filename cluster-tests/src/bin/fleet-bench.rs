@@ -12,6 +12,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use std::collections::BTreeMap;
+
+use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
@@ -53,7 +55,10 @@ fn args() -> Args {
 }
 
 fn now() -> String {
-    jiff::Timestamp::now().round(jiff::Unit::Second).unwrap().to_string()
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .unwrap()
+        .to_string()
 }
 
 /// A stable share of nodes fails: by a hash of the name.
@@ -66,7 +71,11 @@ fn fails(name: &str, rate: f64) -> bool {
     (h % 10_000) as f64 / 10_000.0 < rate
 }
 
-fn status_for(req: &tandem_agent::protocol::UpdateRequest, op: StatusOperation, code: Code) -> String {
+fn status_for(
+    req: &tandem_agent::protocol::UpdateRequest,
+    op: StatusOperation,
+    code: Code,
+) -> String {
     serde_json::to_string(&UpdateStatus {
         schema_version: SCHEMA_VERSION.into(),
         node_update_id: req.node_update_id.clone(),
@@ -99,61 +108,115 @@ async fn set_ready(nodes: &Api<Node>, name: &str, ready: bool) {
 
 /// The simulated agents, kubelets and reboots of every node, until the
 /// pool is up to date or halted.
-async fn simulate(nodes: Api<Node>, prefix: String, reboot: Duration, rate: f64, stop: tokio::sync::watch::Receiver<bool>) {
-    let mut rebooting: BTreeMap<String, (Instant, tandem_agent::protocol::UpdateRequest)> = BTreeMap::new();
+async fn simulate(
+    nodes: Api<Node>,
+    prefix: String,
+    reboot: Duration,
+    rate: f64,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut rebooting: BTreeMap<String, (Instant, tandem_agent::protocol::UpdateRequest)> =
+        BTreeMap::new();
     let mut answered: BTreeMap<String, String> = BTreeMap::new();
+    let mut answers = Vec::new();
     while !*stop.borrow() {
         let list = nodes.list(&ListParams::default()).await.unwrap();
-        for n in list.items.iter().filter(|n| n.metadata.name.as_ref().is_some_and(|x| x.starts_with(&prefix))) {
+        for n in list.items.iter().filter(|n| {
+            n.metadata
+                .name
+                .as_ref()
+                .is_some_and(|x| x.starts_with(&prefix))
+        }) {
             let name = n.metadata.name.clone().unwrap();
-            let Some(text) = n.metadata.annotations.as_ref().and_then(|a| a.get(REQUEST_ANNOTATION)) else {
+            let Some(text) = n
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(REQUEST_ANNOTATION))
+            else {
                 continue;
             };
             if answered.get(&name) == Some(text) {
                 continue;
             }
-            let Ok(req) = parse_request(text) else { continue };
-            answered.insert(name.clone(), text.clone());
-            let (op, code) = match req.operation {
-                RequestOperation::Stage => (StatusOperation::Stage, Code::Success),
-                _ => (StatusOperation::Finalize, Code::Success),
+            let Ok(req) = parse_request(text) else {
+                continue;
             };
-            let patch = serde_json::json!({"metadata": {"annotations": {STATUS_ANNOTATION: status_for(&req, op, code)}}});
-            nodes.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+            answered.insert(name.clone(), text.clone());
             if req.operation == RequestOperation::Finalize {
-                set_ready(&nodes, &name, false).await;
-                rebooting.insert(name, (Instant::now() + reboot, req));
+                rebooting.insert(name.clone(), (Instant::now() + reboot, req.clone()));
             }
+            answers.push((name, req));
         }
+        // Each simulated agent answers by itself: side by side.
+        futures_util::stream::iter(answers.drain(..))
+            .map(|(name, req)| {
+                let nodes = nodes.clone();
+                async move {
+                    let op = match req.operation {
+                        RequestOperation::Stage => StatusOperation::Stage,
+                        _ => StatusOperation::Finalize,
+                    };
+                    let patch = serde_json::json!({"metadata": {"annotations": {
+                        STATUS_ANNOTATION: status_for(&req, op, Code::Success)}}});
+                    nodes
+                        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .unwrap();
+                    if req.operation == RequestOperation::Finalize {
+                        set_ready(&nodes, &name, false).await;
+                    }
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<()>>()
+            .await;
         let due: Vec<String> = rebooting
             .iter()
             .filter(|(_, (at, _))| *at <= Instant::now())
             .map(|(n, _)| n.clone())
             .collect();
-        for name in due {
-            let (_, req) = rebooting.remove(&name).unwrap();
-            set_ready(&nodes, &name, true).await;
-            let failed = fails(&name, rate);
-            let code = if failed { Code::RevertedToPrevious } else { Code::Success };
-            let version = if failed { "1.0.0" } else { req.target_version.as_deref().unwrap_or("2.0.0") };
-            let patch = serde_json::json!({"metadata": {
-                "labels": {VERSION_LABEL: version},
-                "annotations": {STATUS_ANNOTATION: status_for(&req, StatusOperation::Commit, code)}}});
-            nodes.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-        }
+        let back: Vec<_> = due
+            .into_iter()
+            .map(|n| {
+                let r = rebooting.remove(&n).unwrap().1;
+                (n, r)
+            })
+            .collect();
+        futures_util::stream::iter(back)
+            .map(|(name, req)| {
+                let nodes = nodes.clone();
+                async move {
+                    set_ready(&nodes, &name, true).await;
+                    let failed = fails(&name, rate);
+                    let code = if failed { Code::RevertedToPrevious } else { Code::Success };
+                    let version = if failed { "1.0.0" } else { req.target_version.as_deref().unwrap_or("2.0.0") };
+                    let patch = serde_json::json!({"metadata": {
+                        "labels": {VERSION_LABEL: version},
+                        "annotations": {STATUS_ANNOTATION: status_for(&req, StatusOperation::Commit, code)}}});
+                    nodes.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<()>>()
+            .await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 async fn create_nodes(nodes: &Api<Node>, prefix: &str, count: usize, pool: &str) {
-    for i in 0..count {
-        let name = format!("{prefix}{i:04}");
-        let node: Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": {"pool": pool, VERSION_LABEL: "1.0.0"}}}))
-        .unwrap();
-        nodes.create(&PostParams::default(), &node).await.unwrap();
-        set_ready(nodes, &name, true).await;
-    }
+    futures_util::stream::iter(0..count)
+        .map(|i| async move {
+            let name = format!("{prefix}{i:04}");
+            let node: Node = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "labels": {"pool": pool, VERSION_LABEL: "1.0.0"}}}))
+            .unwrap();
+            nodes.create(&PostParams::default(), &node).await.unwrap();
+            set_ready(nodes, &name, true).await;
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -189,7 +252,11 @@ fn operator_peak_rss_kib() -> u64 {
     0
 }
 
-async fn pool_condition(pools: &Api<TandemPool>, name: &str, type_: &str) -> Option<(String, String)> {
+async fn pool_condition(
+    pools: &Api<TandemPool>,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String)> {
     let p = pools.get(name).await.ok()?;
     p.status?
         .conditions
@@ -203,7 +270,12 @@ async fn main() {
     let a = args();
     let cp = ControlPlane::start();
     let admin = cp.client("admin").await;
-    grant_roles(&admin, &repo_root().join("deploy/operator.yaml"), "tandem:operators").await;
+    grant_roles(
+        &admin,
+        &repo_root().join("deploy/operator.yaml"),
+        "tandem:operators",
+    )
+    .await;
     install_crds(&admin, &repo_root().join("deploy/crd.yaml")).await;
     let nodes: Api<Node> = Api::all(admin.clone());
     let pools: Api<TandemPool> = Api::all(admin.clone());
@@ -212,7 +284,13 @@ async fn main() {
     let port = free_port();
     let mut op = start_operator(&cp, "bench", port);
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let sim = tokio::spawn(simulate(nodes.clone(), "n".into(), a.reboot, 0.0, rx.clone()));
+    let sim = tokio::spawn(simulate(
+        nodes.clone(),
+        "n".into(),
+        a.reboot,
+        0.0,
+        rx.clone(),
+    ));
     let max_unavailable = (a.nodes / 10).max(1);
     let pool: TandemPool = serde_json::from_value(serde_json::json!({
         "apiVersion": "tandem.dev/v1alpha1", "kind": "TandemPool", "metadata": {"name": "roll"},
@@ -221,11 +299,35 @@ async fn main() {
     .unwrap();
     let started = Instant::now();
     pools.create(&PostParams::default(), &pool).await.unwrap();
+    let mut shown = Instant::now();
     loop {
-        if pool_condition(&pools, "roll", "UpToDate").await.is_some_and(|c| c.0 == "True") {
+        if pool_condition(&pools, "roll", "UpToDate")
+            .await
+            .is_some_and(|c| c.0 == "True")
+        {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(1800), "the roll took over 30 minutes");
+        if shown.elapsed() >= Duration::from_secs(10) {
+            shown = Instant::now();
+            let c = pools
+                .get("roll")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .unwrap_or_default()
+                .counts;
+            println!(
+                "  {:>4.0} s: {} of {} up to date, {} disrupted",
+                started.elapsed().as_secs_f64(),
+                c.up_to_date,
+                c.total,
+                c.disrupted
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "the roll took over 30 minutes"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let took = started.elapsed();
@@ -242,9 +344,15 @@ async fn main() {
     println!("| waves (1 canary + the rest) | {waves} |");
     println!("| ideal: waves x reboot | {:.1} s |", ideal.as_secs_f64());
     println!("| time to roll the pool | {:.1} s |", took.as_secs_f64());
-    println!("| roll / ideal | {:.2}x |", took.as_secs_f64() / ideal.as_secs_f64());
+    println!(
+        "| roll / ideal | {:.2}x |",
+        took.as_secs_f64() / ideal.as_secs_f64()
+    );
     println!("| operator API requests | {requests} |");
-    println!("| API requests per node | {:.1} |", requests / a.nodes as f64);
+    println!(
+        "| API requests per node | {:.1} |",
+        requests / a.nodes as f64
+    );
     println!("| operator peak RSS | {:.1} MiB |", rss as f64 / 1024.0);
     op.kill();
     tx.send_replace(true);
@@ -252,12 +360,22 @@ async fn main() {
 
     // The halt: a fresh pool at the given failure rate.
     println!();
-    println!("fleet-bench: halt run, {} nodes, failure rate {:.0}%, maxFailures 2", a.halt_nodes, a.failure_rate * 100.0);
+    println!(
+        "fleet-bench: halt run, {} nodes, failure rate {:.0}%, maxFailures 2",
+        a.halt_nodes,
+        a.failure_rate * 100.0
+    );
     create_nodes(&nodes, "h", a.halt_nodes, "halt").await;
     let port = free_port();
     let mut op = start_operator(&cp, "bench-halt", port);
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let sim = tokio::spawn(simulate(nodes.clone(), "h".into(), a.reboot, a.failure_rate, rx));
+    let sim = tokio::spawn(simulate(
+        nodes.clone(),
+        "h".into(),
+        a.reboot,
+        a.failure_rate,
+        rx,
+    ));
     let pool: TandemPool = serde_json::from_value(serde_json::json!({
         "apiVersion": "tandem.dev/v1alpha1", "kind": "TandemPool", "metadata": {"name": "halt"},
         "spec": {"nodeSelector": {"pool": "halt"}, "targetVersion": "2.0.0", "maxUnavailable": "10%",
@@ -271,10 +389,16 @@ async fn main() {
                 break m;
             }
         }
-        if pool_condition(&pools, "halt", "UpToDate").await.is_some_and(|c| c.0 == "True") {
+        if pool_condition(&pools, "halt", "UpToDate")
+            .await
+            .is_some_and(|c| c.0 == "True")
+        {
             break "never halted: every node updated".into();
         }
-        assert!(started.elapsed() < Duration::from_secs(900), "no halt in 15 minutes");
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "no halt in 15 minutes"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let halted_after = started.elapsed();
@@ -290,11 +414,22 @@ async fn main() {
         .items
         .iter()
         .filter(|n| {
-            n.metadata.annotations.as_ref().and_then(|a| a.get("tandem.dev/state")).is_some_and(|s| {
-                ["\"Draining\"", "\"Finalizing\"", "\"Rebooting\"", "\"Soaking\"", "\"Done\"", "\"Failed\""]
+            n.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("tandem.dev/state"))
+                .is_some_and(|s| {
+                    [
+                        "\"Draining\"",
+                        "\"Finalizing\"",
+                        "\"Rebooting\"",
+                        "\"Soaking\"",
+                        "\"Done\"",
+                        "\"Failed\"",
+                    ]
                     .iter()
                     .any(|p| s.contains(p))
-            })
+                })
         })
         .count();
     println!();
@@ -302,7 +437,10 @@ async fn main() {
     println!("|---|---|");
     println!("| halted after | {:.1} s |", halted_after.as_secs_f64());
     println!("| Halted condition | {message} |");
-    println!("| nodes started (took a slot) | {started_nodes} of {} |", a.halt_nodes);
+    println!(
+        "| nodes started (took a slot) | {started_nodes} of {} |",
+        a.halt_nodes
+    );
     println!("| failures recorded (in-flight nodes finish) | {failures} |");
     println!("| updated | {} |", counts.up_to_date);
     op.kill();
