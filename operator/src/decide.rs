@@ -328,6 +328,11 @@ pub fn decide(pool: &PoolView, nodes: &[NodeView], now: Timestamp) -> Plan {
         .count();
     // Until `canary` nodes are done, one node at a time holds a slot.
     let canary = done < spec.canary as usize;
+    // Trust grows with success: the nodes in flight never exceed the
+    // failures still allowed plus the nodes already done, so a bad release
+    // halts the pool after about maxFailures failures, not after a whole
+    // wave of maxUnavailable nodes failed at once.
+    let budget = (spec.max_failures.saturating_sub(counted)) as usize + done;
     let capacity = max_unavailable;
     let mut taken = unavailable;
     let mut holding = holders;
@@ -410,7 +415,8 @@ pub fn decide(pool: &PoolView, nodes: &[NodeView], now: Timestamp) -> Plan {
                 }
                 Phase::Staged => {
                     counts.staged += 1;
-                    if may_start && taken < capacity && !(canary && holding > 0) {
+                    if may_start && taken < capacity && holding < budget && !(canary && holding > 0)
+                    {
                         taken += 1;
                         holding += 1;
                         let mut next = ctx.state(&s, Phase::Draining, None);

@@ -719,3 +719,22 @@ fn percentages_round_down_but_never_to_zero_and_ids_are_uuids() {
     assert!(tandem_agent::protocol::is_uuid(&id), "{id}");
     assert_ne!(id, update_id(&["pool", "2.0.0", "node-2", "t"]));
 }
+
+#[test]
+fn a_release_that_fails_everywhere_halts_within_max_failures() {
+    let faults: Vec<(usize, Fault)> = (0..10).map(|i| (i, Fault::HealthFails)).collect();
+    // Even with room for five at once, no more than maxFailures nodes are
+    // in flight before anything has succeeded.
+    let mut sim = Sim::new(10, spec(IntOrPercent::Count(5), 0, 2), &faults, 0, 1);
+    sim.run(400);
+    assert!(sim.halted_at.is_some());
+    let failed = (0..10)
+        .filter(|i| sim.phase(*i) == Some(Phase::Failed))
+        .count();
+    assert_eq!(
+        failed,
+        2,
+        "{:?}",
+        (0..10).map(|i| sim.phase(i)).collect::<Vec<_>>()
+    );
+}

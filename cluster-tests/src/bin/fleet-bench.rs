@@ -240,7 +240,7 @@ fn operator_peak_rss_kib() -> u64 {
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
         let fields: Vec<&str> = stat.split_whitespace().collect();
-        if fields.len() > 3 && fields[1] == "(tandem-operato)" && fields[3] == me {
+        if fields.len() > 3 && fields[1].starts_with("(tandem-operat") && fields[3] == me {
             let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
             return status
                 .lines()
