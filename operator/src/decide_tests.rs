@@ -259,7 +259,7 @@ impl Sim {
                 flat.push((node.clone(), a.clone()));
             }
         }
-        let mut cut = if self.crash_one_in > 0 && self.random() % self.crash_one_in == 0 {
+        let mut cut = if self.crash_one_in > 0 && self.random().is_multiple_of(self.crash_one_in) {
             (self.random() as usize) % (flat.len() + 1)
         } else {
             flat.len()
