@@ -738,3 +738,35 @@ fn a_release_that_fails_everywhere_halts_within_max_failures() {
         (0..10).map(|i| sim.phase(i)).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn the_slot_of_a_deleted_node_is_freed() {
+    let mut sim = Sim::new(
+        3,
+        spec(IntOrPercent::Count(1), 0, 2),
+        &[(0, Fault::DrainBlocked)],
+        0,
+        1,
+    );
+    // node-0 takes the only slot and cannot drain.
+    for _ in 0..3 {
+        sim.round();
+        sim.tick_world();
+    }
+    assert_eq!(sim.phase(0), Some(Phase::Draining));
+    let plan = decide(&sim.pool, &sim.views(), sim.now);
+    assert!(plan
+        .actions
+        .iter()
+        .all(|(n, a)| n == "node-0" || !a.contains(&NodeAction::Cordon)));
+    // The Node object is deleted (its record with it): the slot is free.
+    sim.nodes.remove(0);
+    let plan = decide(&sim.pool, &sim.views(), sim.now);
+    let started: Vec<&String> = plan
+        .actions
+        .iter()
+        .filter(|(_, a)| a.contains(&NodeAction::Cordon))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(started, ["node-1"]);
+}
