@@ -138,7 +138,13 @@ pub fn render_status(s: &Status) -> String {
     line(
         "Staged:",
         match &s.staged {
-            Some(st) => format!("{} in slot {} (since {})", st.version, st.slot, st.time),
+            Some(st) if st.finalized => {
+                format!("{} in slot {} (since {})", st.version, st.slot, st.time)
+            }
+            Some(st) => format!(
+                "{} in slot {} (since {}), not set to boot: updatectl finalize",
+                st.version, st.slot, st.time
+            ),
             None => "none".into(),
         },
     );

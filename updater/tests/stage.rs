@@ -49,6 +49,11 @@ fn a_staged_slot_never_boots_until_finalize_which_reboots_once_and_health_commit
         );
     };
     check_staged(&node, "after stage");
+    let human = node.ctl_ok(&["status"]);
+    assert!(
+        human.contains("not set to boot: updatectl finalize"),
+        "{human}"
+    );
 
     // A tandemd crash and an unplanned reboot keep it staged, on A.
     node.kill();
