@@ -331,7 +331,14 @@ async fn the_agent_stages_finalizes_and_commits_once_per_request() {
             (s.operation_id, s.code)
         })
         .collect();
-    let first = |id: &str, code| codes.iter().position(|c| c.0 == id && c.1 == code);
+    // Each status must have been seen: a missing one is a failure, not a
+    // `None` that compares below everything.
+    let first = |id: &str, code| {
+        codes
+            .iter()
+            .position(|c| c.0 == id && c.1 == code)
+            .unwrap_or_else(|| panic!("no {id} {code:?} among {codes:?}"))
+    };
     // Each operation went InProgress, then its outcome, in order.
     assert!(first("op-stage", Code::InProgress) < first("op-stage", Code::Success));
     assert!(first("op-stage", Code::Success) < first("op-fin", Code::InProgress));
