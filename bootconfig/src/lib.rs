@@ -7,6 +7,8 @@
 //! - [`bls`]: Boot Loader Specification entries with systemd-boot boot counting.
 //! - [`bootfiles`]: a slot's kernel, initrd and command line, read from its
 //!   image and installed on the ESP.
+//! - [`uki`]: Unified Kernel Images and addons: their command line and
+//!   os-release, read from the PE sections.
 //! - [`backend`]: the one small interface both boot backends implement.
 //!
 //! Decisions (transitions, boot order) are pure functions over data; the I/O
@@ -20,6 +22,7 @@ pub mod gpt;
 pub mod gptprio;
 pub mod guid;
 pub mod slots;
+pub mod uki;
 pub mod version;
 
 use std::fmt;
@@ -27,6 +30,7 @@ use std::str::FromStr;
 
 pub use backend::{BootBackend, BootError, SlotBoot};
 pub use guid::{Guid, FLATCAR_USR_TYPE};
+pub use slots::{HashArea, HashLayout, Part};
 pub use slots::{Slot, SlotLayout};
 
 /// One of the two A/B slots.

@@ -12,6 +12,7 @@
 //! - [`region`]: a slot's byte range inside a disk, for bounded I/O.
 //! - [`files`]: file length and atomic replacement.
 //! - [`summary`]: operation counts and bytes, for `inspect` and benchmarks.
+//! - [`verity`]: dm-verity hash trees: superblock, layout, verify, format.
 
 pub mod apply;
 pub mod container;
@@ -25,6 +26,7 @@ pub mod region;
 pub mod sign;
 pub mod summary;
 pub mod validate;
+pub mod verity;
 
 pub use apply::{
     apply, ApplyError, ApplyOptions, ApplyOutcome, Checkpoint, ComponentPaths, PayloadReader,
