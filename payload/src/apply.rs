@@ -241,6 +241,8 @@ pub struct ApplyReport {
 }
 
 struct Slot {
+    /// A whole regular file holding a file component: its signed length.
+    cut_to: Option<u64>,
     image: ImageRef,
     target: Region,
     target_path: PathBuf,
@@ -340,8 +342,16 @@ pub fn apply<R: PayloadReader>(
                         path: path.clone(),
                     });
                 }
-                let size = source_range.len;
-                let file = Region::new(file, source_range);
+                // A file component's source is the installed file, read
+                // padded to whole blocks as the payload was made.
+                let pads = c.file_len.is_some()
+                    && source_range.len < src.size
+                    && src.size - source_range.len < BLOCK_SIZE;
+                let (size, file) = if pads {
+                    (src.size, Region::zero_padded(file, source_range, src.size))
+                } else {
+                    (source_range.len, Region::new(file, source_range))
+                };
                 if size < src.size {
                     return Err(ApplyError::SourceTooSmall {
                         component: c.name.clone(),
@@ -377,6 +387,7 @@ pub fn apply<R: PayloadReader>(
             len: have.max(c.target.size),
         });
         slots.push(Slot {
+            cut_to: c.file_len.filter(|_| is_regular && p.target_range.is_none()),
             image: c.target.clone(),
             target: Region::new(target, range),
             target_path: p.target.clone(),
@@ -646,6 +657,16 @@ pub fn apply<R: PayloadReader>(
                 expected: slot.image.digest.sha256,
                 found: found.sha256,
             });
+        }
+    }
+    // Files (a UKI, an addon) were written padded to whole blocks and
+    // verified so; now cut back to their signed length.
+    for slot in &slots {
+        if let Some(len) = slot.cut_to {
+            let file = slot.target.file();
+            file.set_len(len)
+                .and_then(|()| file.sync_all())
+                .map_err(io_err(format!("cutting {} to its length", slot.target_path.display())))?;
         }
     }
     if let Some(path) = &opts.checkpoint {

@@ -174,6 +174,11 @@ pub struct Component {
     pub target: ImageRef,
     /// The image a delta reads from, `None` in a full payload.
     pub source: Option<ImageRef>,
+    /// For a file (a UKI, an addon): its length. The target is the file
+    /// padded with zeros to whole blocks; the node cuts it back to this
+    /// length once the padded target is verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_len: Option<u64>,
     pub operations: Vec<Operation>,
 }
 

@@ -89,7 +89,8 @@ pub struct MakeProgress {
 }
 
 /// Makes a full payload (`source` is `None`) or a delta, and writes it to
-/// `out` (through a temporary file renamed into place).
+/// `out` (through a temporary file renamed into place). One component,
+/// named by `opts.component`.
 pub fn make_payload(
     target: ImageInput<'_>,
     source: Option<ImageInput<'_>>,
@@ -98,45 +99,46 @@ pub fn make_payload(
     out: &Path,
     progress: &(dyn Fn(MakeProgress) + Sync),
 ) -> Result<Manifest, MakeError> {
-    let target_file = open_image(target.path)?;
-    let target_size = image_size(&target_file, target.path)?;
-    progress(MakeProgress {
-        phase: "hashing images",
-        done: 0,
-        total: 1,
-    });
-    let target_digest = digest_file(&target_file, target_size)
-        .map_err(io_err(format!("hashing {}", target.path.display())))?;
-    let source_state = match source {
-        Some(input) => {
-            let file = open_image(input.path)?;
-            let size = image_size(&file, input.path)?;
-            let digest = digest_file(&file, size)
-                .map_err(io_err(format!("hashing {}", input.path.display())))?;
-            let index = index_source(&file, size, opts.threads, progress)
-                .map_err(io_err(format!("reading {}", input.path.display())))?;
-            Some((input, file, size, digest, index))
-        }
-        None => None,
+    let component = ComponentInput {
+        name: opts.component.clone(),
+        target: target.path.to_path_buf(),
+        source: source.map(|s| s.path.to_path_buf()),
+        file: false,
     };
-    let source_view = source_state
-        .as_ref()
-        .map(|(_, file, size, _, index)| SourceView {
-            file,
-            blocks: size / BLOCK_SIZE,
-            index,
-        });
-    let classes = classify_target(
-        &target_file,
-        target_size,
-        source_view.as_ref(),
-        opts.threads,
+    make_components(
+        &[component],
+        target.version,
+        source.map(|s| s.version),
+        key,
+        opts,
+        out,
         progress,
     )
-    .map_err(io_err(format!("reading {}", target.path.display())))?;
-    let planned = plan::group_blocks(&classes, opts.grouping);
-    drop(classes);
+}
 
+/// One component to make: its target image and, for a delta, the source.
+#[derive(Debug, Clone)]
+pub struct ComponentInput {
+    pub name: String,
+    pub target: PathBuf,
+    pub source: Option<PathBuf>,
+    /// A file of any length (a UKI, an addon), padded with zeros to whole
+    /// blocks in the payload; its exact length goes in `file_len`. An
+    /// image (`false`) must be whole blocks.
+    pub file: bool,
+}
+
+/// Makes a payload of several components of one slot (the `/usr` image,
+/// its hash tree, its boot artifacts), in the order given.
+pub fn make_components(
+    components: &[ComponentInput],
+    target_version: &str,
+    source_version: Option<&str>,
+    key: &SigningKey,
+    opts: &MakeOptions,
+    out: &Path,
+    progress: &(dyn Fn(MakeProgress) + Sync),
+) -> Result<Manifest, MakeError> {
     let dir = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -149,46 +151,176 @@ pub fn make_payload(
         .truncate(true)
         .open(&data_path)
         .map_err(io_err(format!("creating {}", data_path.display())))?;
-    let result = encode_all(
-        &planned,
-        &target_file,
-        source_view.as_ref(),
-        opts,
-        &data_file,
-        progress,
-    );
-    let (operations, data_len) = match result {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = std::fs::remove_file(&data_path);
-            return Err(e);
+    let mut made = Vec::new();
+    let mut data_len = 0u64;
+    let mut result = Ok(());
+    for (i, input) in components.iter().enumerate() {
+        let padded = |path: &Path, what: &str| -> Result<Option<PathBuf>, MakeError> {
+            if !input.file {
+                return Ok(None);
+            }
+            let copy = temp_path(dir, out, &format!("{i}-{what}"));
+            pad_copy(path, &copy)?;
+            Ok(Some(copy))
+        };
+        let step = (|| {
+            let target_copy = padded(&input.target, "target")?;
+            let source_copy = match &input.source {
+                Some(source) => padded(source, "source")?,
+                None => None,
+            };
+            let target_path = target_copy.as_deref().unwrap_or(&input.target);
+            let source_path = source_copy.as_deref().or(input.source.as_deref());
+            let made_one = make_component(
+                &input.name,
+                target_path,
+                source_path,
+                opts,
+                &data_file,
+                data_len,
+                progress,
+            );
+            for copy in [&target_copy, &source_copy].into_iter().flatten() {
+                let _ = std::fs::remove_file(copy);
+            }
+            let (mut component, len) = made_one?;
+            if input.file {
+                component.file_len = Some(
+                    std::fs::metadata(&input.target)
+                        .map_err(io_err(format!("sizing {}", input.target.display())))?
+                        .len(),
+                );
+            }
+            Ok::<_, MakeError>((component, len))
+        })();
+        match step {
+            Ok((component, len)) => {
+                data_len += len;
+                made.push(component);
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
         }
-    };
+    }
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&data_path);
+        return Err(e);
+    }
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         block_size: BLOCK_SIZE,
-        target_version: target.version.to_owned(),
-        source_version: source_state.as_ref().map(|s| s.0.version.to_owned()),
+        target_version: target_version.to_owned(),
+        source_version: source_version
+            .filter(|_| made.iter().any(|c| c.source.is_some()))
+            .map(str::to_owned),
         data_len,
-        components: vec![Component {
-            name: opts.component.clone(),
-            target: ImageRef {
-                size: target_size,
-                digest: target_digest,
-            },
-            source: source_state
-                .as_ref()
-                .map(|(_, _, size, digest, _)| ImageRef {
-                    size: *size,
-                    digest: digest.clone(),
-                }),
-            operations,
-        }],
+        components: made,
     };
     let written = write_final(out, dir, &manifest, key, &data_file);
     let _ = std::fs::remove_file(&data_path);
     written?;
     Ok(manifest)
+}
+
+/// Copies a file, padded with zeros to whole blocks.
+fn pad_copy(from: &Path, to: &Path) -> Result<(), MakeError> {
+    std::fs::copy(from, to).map_err(io_err(format!("copying {}", from.display())))?;
+    let file = File::options()
+        .write(true)
+        .open(to)
+        .map_err(io_err(format!("opening {}", to.display())))?;
+    let len = crate::files::file_len(&file).map_err(io_err(format!("sizing {}", to.display())))?;
+    if len == 0 {
+        return Err(MakeError::Image {
+            path: from.to_owned(),
+            problem: "the file is empty".into(),
+        });
+    }
+    file.set_len(len.next_multiple_of(BLOCK_SIZE))
+        .map_err(io_err(format!("padding {}", to.display())))
+}
+
+/// One component's operations, its blobs appended to `data_file` (whose
+/// first `base` bytes are earlier components'). Returns it and the bytes
+/// its blobs take.
+fn make_component(
+    name: &str,
+    target: &Path,
+    source: Option<&Path>,
+    opts: &MakeOptions,
+    data_file: &File,
+    base: u64,
+    progress: &(dyn Fn(MakeProgress) + Sync),
+) -> Result<(Component, u64), MakeError> {
+    let target_file = open_image(target)?;
+    let target_size = image_size(&target_file, target)?;
+    progress(MakeProgress {
+        phase: "hashing images",
+        done: 0,
+        total: 1,
+    });
+    let target_digest = digest_file(&target_file, target_size)
+        .map_err(io_err(format!("hashing {}", target.display())))?;
+    let source_state = match source {
+        Some(path) => {
+            let file = open_image(path)?;
+            let size = image_size(&file, path)?;
+            let digest =
+                digest_file(&file, size).map_err(io_err(format!("hashing {}", path.display())))?;
+            let index = index_source(&file, size, opts.threads, progress)
+                .map_err(io_err(format!("reading {}", path.display())))?;
+            Some((file, size, digest, index))
+        }
+        None => None,
+    };
+    let source_view = source_state
+        .as_ref()
+        .map(|(file, size, _, index)| SourceView {
+            file,
+            blocks: size / BLOCK_SIZE,
+            index,
+        });
+    let classes = classify_target(
+        &target_file,
+        target_size,
+        source_view.as_ref(),
+        opts.threads,
+        progress,
+    )
+    .map_err(io_err(format!("reading {}", target.display())))?;
+    let planned = plan::group_blocks(&classes, opts.grouping);
+    drop(classes);
+    let (mut operations, data_len) = encode_all(
+        &planned,
+        &target_file,
+        source_view.as_ref(),
+        opts,
+        data_file,
+        progress,
+    )?;
+    for op in &mut operations {
+        if let Operation::Data { blob, .. } | Operation::Patch { blob, .. } = op {
+            blob.offset += base;
+        }
+    }
+    Ok((
+        Component {
+            name: name.to_owned(),
+            target: ImageRef {
+                size: target_size,
+                digest: target_digest,
+            },
+            source: source_state.as_ref().map(|(_, size, digest, _)| ImageRef {
+                size: *size,
+                digest: digest.clone(),
+            }),
+            file_len: None,
+            operations,
+        },
+        data_len,
+    ))
 }
 
 fn temp_path(dir: &Path, out: &Path, what: &str) -> PathBuf {

@@ -29,11 +29,27 @@ impl ByteRange {
 pub struct Region {
     file: File,
     range: ByteRange,
+    /// Reads from the range's end up to here give zeros (a file padded to
+    /// whole blocks); writes never go past the range.
+    padded_len: u64,
 }
 
 impl Region {
     pub fn new(file: File, range: ByteRange) -> Region {
-        Region { file, range }
+        Region {
+            file,
+            range,
+            padded_len: range.len,
+        }
+    }
+
+    /// The range, read as if zeros followed it up to `padded_len` bytes.
+    pub fn zero_padded(file: File, range: ByteRange, padded_len: u64) -> Region {
+        Region {
+            file,
+            range,
+            padded_len: padded_len.max(range.len),
+        }
     }
 
     pub fn file(&self) -> &File {
@@ -48,7 +64,10 @@ impl Region {
 impl FileExt for Region {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         if offset >= self.range.len {
-            return Ok(0);
+            let n = usize::try_from(self.padded_len.saturating_sub(offset))
+                .map_or(buf.len(), |left| left.min(buf.len()));
+            buf[..n].fill(0);
+            return Ok(n);
         }
         let n =
             usize::try_from(self.range.len - offset).map_or(buf.len(), |left| left.min(buf.len()));

@@ -19,6 +19,12 @@ pub enum ManifestError {
     BlockSize(u64),
     #[error("manifest has {0} components (must be 1 to {MAX_COMPONENTS})")]
     ComponentCount(usize),
+    #[error("component {component}: file length {file_len} does not fit its {size}-byte target (it must be in the last block)")]
+    FileLen {
+        component: String,
+        file_len: u64,
+        size: u64,
+    },
     #[error("component name {0:?} is invalid or repeated")]
     ComponentName(String),
     #[error("manifest data length {manifest} does not match the header's {header}")]
@@ -102,6 +108,16 @@ pub fn validate(m: &Manifest, header_data_len: u64) -> Result<(), ManifestError>
         }
         names.push(&c.name);
         check_image(&c.name, "target", c.target.size, &c.target.digest)?;
+        if let Some(file_len) = c.file_len {
+            if file_len == 0 || file_len > c.target.size || c.target.size - file_len >= BLOCK_SIZE
+            {
+                return Err(ManifestError::FileLen {
+                    component: c.name.clone(),
+                    file_len,
+                    size: c.target.size,
+                });
+            }
+        }
         let source_blocks = match &c.source {
             Some(s) => {
                 check_image(&c.name, "source", s.size, &s.digest)?;
@@ -320,6 +336,7 @@ mod tests {
             source_version: Some("1".into()),
             data_len,
             components: vec![Component {
+                file_len: None,
                 name: "usr".into(),
                 target: image(10),
                 source: Some(image(8)),
