@@ -146,7 +146,10 @@ mod tests {
         for (guid, text) in [
             (USR_VERITY_X86_64, "77ff5f63-e7b6-4633-acf4-1565b864c0e6"),
             (USR_VERITY_ARM64, "6e11a4e7-fbca-4ded-b9e9-e1a512bb664e"),
-            (USR_VERITY_SIG_X86_64, "e7bb33fb-06cf-4e81-8273-e543b413e2e2"),
+            (
+                USR_VERITY_SIG_X86_64,
+                "e7bb33fb-06cf-4e81-8273-e543b413e2e2",
+            ),
             (USR_VERITY_SIG_ARM64, "c23ce4ff-44bd-4b00-b2d4-b41b3419e02a"),
         ] {
             assert_eq!(guid.to_string(), text);

@@ -136,7 +136,11 @@ pub enum SlotError {
     #[error("both slots have the same PARTUUID {0}")]
     SamePartuuid(Guid),
     #[error("the hash tree offset {offset} lies outside slot {slot} ({size} bytes) or is not a multiple of 4096")]
-    BadHashOffset { slot: SlotName, offset: u64, size: u64 },
+    BadHashOffset {
+        slot: SlotName,
+        offset: u64,
+        size: u64,
+    },
 }
 
 /// The DPS types a hash partition may have.

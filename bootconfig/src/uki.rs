@@ -198,6 +198,17 @@ pub fn usrhash(cmdline: &str) -> Option<String> {
     })
 }
 
+/// The command line a UKI boots with its addons: systemd-stub appends
+/// each addon's `.cmdline` to the UKI's. Pure.
+pub fn combined_cmdline(uki: &UkiInfo, addons: &[UkiInfo]) -> String {
+    std::iter::once(uki)
+        .chain(addons)
+        .filter_map(|i| i.cmdline.as_deref())
+        .filter(|c| !c.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,8 +250,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.efi");
         let bytes = pe(&[
-            (".osrel", b"ID=acl\nVERSION_ID=\"4230.2.1\"\nPRETTY_NAME=\"ACL 4230.2.1\"\n"),
-            (".cmdline", b"console=ttyS0 usrhash=ab12 mount.usr=/dev/mapper/usr\0"),
+            (
+                ".osrel",
+                b"ID=acl\nVERSION_ID=\"4230.2.1\"\nPRETTY_NAME=\"ACL 4230.2.1\"\n",
+            ),
+            (
+                ".cmdline",
+                b"console=ttyS0 usrhash=ab12 mount.usr=/dev/mapper/usr\0",
+            ),
             (".uname", b"6.6.1"),
             (".linux", b"\x7fELF"),
         ]);

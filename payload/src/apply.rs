@@ -387,7 +387,9 @@ pub fn apply<R: PayloadReader>(
             len: have.max(c.target.size),
         });
         slots.push(Slot {
-            cut_to: c.file_len.filter(|_| is_regular && p.target_range.is_none()),
+            cut_to: c
+                .file_len
+                .filter(|_| is_regular && p.target_range.is_none()),
             image: c.target.clone(),
             target: Region::new(target, range),
             target_path: p.target.clone(),
@@ -666,7 +668,10 @@ pub fn apply<R: PayloadReader>(
             let file = slot.target.file();
             file.set_len(len)
                 .and_then(|()| file.sync_all())
-                .map_err(io_err(format!("cutting {} to its length", slot.target_path.display())))?;
+                .map_err(io_err(format!(
+                    "cutting {} to its length",
+                    slot.target_path.display()
+                )))?;
         }
     }
     if let Some(path) = &opts.checkpoint {

@@ -109,8 +109,7 @@ pub fn validate(m: &Manifest, header_data_len: u64) -> Result<(), ManifestError>
         names.push(&c.name);
         check_image(&c.name, "target", c.target.size, &c.target.digest)?;
         if let Some(file_len) = c.file_len {
-            if file_len == 0 || file_len > c.target.size || c.target.size - file_len >= BLOCK_SIZE
-            {
+            if file_len == 0 || file_len > c.target.size || c.target.size - file_len >= BLOCK_SIZE {
                 return Err(ManifestError::FileLen {
                     component: c.name.clone(),
                     file_len,

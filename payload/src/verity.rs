@@ -151,14 +151,19 @@ pub fn parse_superblock(bytes: &[u8]) -> Result<VerityParams, VerityError> {
             found: bytes[..bytes.len().min(8)].to_vec(),
         });
     }
-    let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let u32_at =
+        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let version = u32_at(8);
     if version != 1 {
         return Err(VerityError::Unsupported(format!(
             "superblock version {version}"
         )));
     }
-    let algorithm: Vec<u8> = bytes[32..64].iter().copied().take_while(|&b| b != 0).collect();
+    let algorithm: Vec<u8> = bytes[32..64]
+        .iter()
+        .copied()
+        .take_while(|&b| b != 0)
+        .collect();
     if !algorithm.eq_ignore_ascii_case(b"sha256") {
         return Err(VerityError::Unsupported(format!(
             "hash algorithm {:?} (tandem checks sha256 trees)",
@@ -424,8 +429,7 @@ pub fn verify<D: FileExt + Sync, H: FileExt>(
     }
     let tree = compute(&params, data)?;
     let fanout = 1u64 << layout.fanout_bits;
-    for (level, ((first, count), computed)) in layout.levels.iter().zip(&tree.levels).enumerate()
-    {
+    for (level, ((first, count), computed)) in layout.levels.iter().zip(&tree.levels).enumerate() {
         let mut stored = vec![0u8; (count * hash_block) as usize];
         let at = hash.offset + hash_block * (1 + first);
         hash.file

@@ -59,7 +59,10 @@ fn usr_hash_tree_and_uki_round_trip_full_and_delta() {
     uki_new[1000..1100].fill(7);
     let paths = [
         (s.write("usr-old", &usr_old), s.write("usr-new", &usr_new)),
-        (s.write("hash-old", &hash_old), s.write("hash-new", &hash_new)),
+        (
+            s.write("hash-old", &hash_old),
+            s.write("hash-new", &hash_new),
+        ),
         (s.write("uki-old", &uki_old), s.write("uki-new", &uki_new)),
     ];
     let names = ["usr", "verity", "uki"];
@@ -120,7 +123,10 @@ fn usr_hash_tree_and_uki_round_trip_full_and_delta() {
         assert_eq!(&usr[..usr_new.len()], &usr_new[..]);
         // Only the image's length is written; the rest of the slot stays.
         assert!(usr[usr_new.len()..].iter().all(|&b| b == 0xaa));
-        assert_eq!(&fs::read(&targets[1]).unwrap()[..hash_new.len()], &hash_new[..]);
+        assert_eq!(
+            &fs::read(&targets[1]).unwrap()[..hash_new.len()],
+            &hash_new[..]
+        );
         // The UKI comes out exactly, cut back to its signed length.
         assert_eq!(fs::read(&targets[2]).unwrap(), uki_new);
         if delta {
@@ -169,6 +175,9 @@ fn a_missing_component_target_is_refused_before_writing() {
         &mut |_| std::ops::ControlFlow::Continue(()),
     )
     .unwrap_err();
-    assert!(matches!(err, ApplyError::MissingTarget(ref c) if c == "uki"), "{err}");
+    assert!(
+        matches!(err, ApplyError::MissingTarget(ref c) if c == "uki"),
+        "{err}"
+    );
     assert!(fs::read(&target).unwrap().iter().all(|&b| b == 0x11));
 }

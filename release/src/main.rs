@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use payload::apply::{ApplyProgress, Phase};
-use payload::make::MakeProgress;
+use payload::make::{ComponentInput, MakeProgress};
 use payload::{
-    ApplyOptions, ApplyOutcome, ComponentPaths, ImageInput, Keyring, MakeOptions, PayloadHead,
-    SigningKey,
+    ApplyOptions, ApplyOutcome, ComponentPaths, Keyring, MakeOptions, PayloadHead, SigningKey,
 };
 use serde::Serialize;
 
@@ -134,6 +133,37 @@ struct MakeCommon {
     quiet: bool,
 }
 
+/// A slot's parts beside its `/usr` image.
+#[derive(Debug, Args, Default)]
+struct Artifacts {
+    /// The image's dm-verity hash device (`veritysetup format` output,
+    /// superblock first): the `verity` component, for the HASH partition.
+    #[arg(long, value_name = "FILE")]
+    verity_hash: Option<PathBuf>,
+    /// The signed Unified Kernel Image that boots the image: the `uki`
+    /// component, shipped as it is.
+    #[arg(long, value_name = "FILE")]
+    uki: Option<PathBuf>,
+    /// The signed UKI addon with the slot's verity arguments: the `addon`
+    /// component.
+    #[arg(long, value_name = "FILE", requires = "uki")]
+    addon: Option<PathBuf>,
+}
+
+/// The running release's parts, for a delta of each.
+#[derive(Debug, Args, Default)]
+struct SourceArtifacts {
+    /// The running image's hash device.
+    #[arg(long, value_name = "FILE")]
+    source_verity_hash: Option<PathBuf>,
+    /// The running UKI.
+    #[arg(long, value_name = "FILE")]
+    source_uki: Option<PathBuf>,
+    /// The running addon.
+    #[arg(long, value_name = "FILE")]
+    source_addon: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 struct FullArgs {
     /// The new image.
@@ -142,6 +172,8 @@ struct FullArgs {
     /// Its version.
     #[arg(long)]
     version: String,
+    #[command(flatten)]
+    artifacts: Artifacts,
     #[command(flatten)]
     common: MakeCommon,
 }
@@ -160,6 +192,10 @@ struct DeltaArgs {
     /// Its version.
     #[arg(long)]
     version: String,
+    #[command(flatten)]
+    artifacts: Artifacts,
+    #[command(flatten)]
+    sources: SourceArtifacts,
     #[command(flatten)]
     common: MakeCommon,
 }
@@ -242,11 +278,20 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Full(a) => make(None, &a.image, &a.version, &a.common),
+        Command::Full(a) => make(
+            None,
+            &a.image,
+            &a.version,
+            &a.artifacts,
+            &SourceArtifacts::default(),
+            &a.common,
+        ),
         Command::Delta(a) => make(
             Some((&a.source, &a.source_version)),
             &a.image,
             &a.version,
+            &a.artifacts,
+            &a.sources,
             &a.common,
         ),
         Command::Inspect(a) => inspect(&a),
@@ -332,16 +377,98 @@ struct MakeSummary {
     source_version: Option<String>,
     signer: String,
     seconds: f64,
+    /// The hash tree's root hash, checked against the UKI's `usrhash=`.
+    verity_root_hash: Option<String>,
     components: Vec<payload::summary::ComponentSummary>,
+}
+
+/// Checks, before anything is signed, that the slot's parts agree: the
+/// hash tree matches the image and its root hash is the `usrhash=` the UKI
+/// and addon name. Returns the root hash, if there is a tree.
+fn check_artifacts(image: &Path, artifacts: &Artifacts) -> Result<Option<String>> {
+    use bootconfig::uki;
+    let read = |path: &Path, kernel: bool| -> Result<uki::UkiInfo> {
+        let info = uki::read_uki(path)?;
+        if info.has_kernel != kernel {
+            bail!(
+                "{}: {}",
+                path.display(),
+                if kernel {
+                    "not a UKI (no .linux section)"
+                } else {
+                    "not an addon (it has a .linux section: a UKI)"
+                }
+            );
+        }
+        Ok(info)
+    };
+    let uki_info = artifacts
+        .uki
+        .as_deref()
+        .map(|p| read(p, true))
+        .transpose()?;
+    let addons: Vec<uki::UkiInfo> = artifacts
+        .addon
+        .as_deref()
+        .map(|p| read(p, false))
+        .transpose()?
+        .into_iter()
+        .collect();
+    let named = uki_info
+        .as_ref()
+        .and_then(|u| uki::usrhash(&uki::combined_cmdline(u, &addons)));
+    let Some(hash_path) = &artifacts.verity_hash else {
+        if let Some(named) = named {
+            bail!(
+                "the UKI names usrhash={named} but no --verity-hash was given to check it against"
+            );
+        }
+        return Ok(None);
+    };
+    let open = |p: &Path| File::open(p).with_context(|| format!("opening {}", p.display()));
+    let (data, hash) = (open(image)?, open(hash_path)?);
+    fn area<'a>(f: &'a File, p: &Path) -> Result<payload::verity::Area<'a, File>> {
+        Ok(payload::verity::Area {
+            file: f,
+            offset: 0,
+            len: f
+                .metadata()
+                .with_context(|| format!("sizing {}", p.display()))?
+                .len(),
+        })
+    }
+    let verified = payload::verity::verify(area(&data, image)?, area(&hash, hash_path)?)
+        .with_context(|| {
+            format!(
+                "checking {} against {}",
+                hash_path.display(),
+                image.display()
+            )
+        })?;
+    let root = verified.root_hash_hex();
+    match (&artifacts.uki, named) {
+        (Some(uki), None) => bail!(
+            "{} (with its addon) names no usrhash=: a node could not check the slot's hash tree (root hash {root})",
+            uki.display()
+        ),
+        (Some(_), Some(named)) if !named.eq_ignore_ascii_case(&root) => bail!(
+            "the UKI and addon name usrhash={named}, but the hash tree's root hash is {root}: refusing to sign a slot that would not boot"
+        ),
+        _ => {}
+    }
+    Ok(Some(root))
 }
 
 fn make(
     source: Option<(&PathBuf, &String)>,
     image: &Path,
     version: &str,
+    artifacts: &Artifacts,
+    sources: &SourceArtifacts,
     common: &MakeCommon,
 ) -> Result<()> {
     let started = Instant::now();
+    let root_hash = check_artifacts(image, artifacts)?;
     let key = SigningKey::from_file(&common.key)?;
     let mut opts = MakeOptions {
         level: common.level,
@@ -358,12 +485,38 @@ fn make(
             false,
         )
     };
-    let manifest = payload::make_payload(
-        ImageInput {
-            path: image,
-            version,
-        },
-        source.map(|(path, version)| ImageInput { path, version }),
+    let mut inputs = vec![ComponentInput {
+        name: common.component.clone(),
+        target: image.to_path_buf(),
+        source: source.map(|(path, _)| path.clone()),
+        file: false,
+    }];
+    let parts = [
+        (
+            "verity",
+            &artifacts.verity_hash,
+            &sources.source_verity_hash,
+        ),
+        ("uki", &artifacts.uki, &sources.source_uki),
+        ("addon", &artifacts.addon, &sources.source_addon),
+    ];
+    for (name, target, from) in parts {
+        if from.is_some() && (target.is_none() || source.is_none()) {
+            bail!("--source-{name} is for a delta whose new release has the {name} too");
+        }
+        if let Some(target) = target {
+            inputs.push(ComponentInput {
+                name: name.into(),
+                target: target.clone(),
+                source: from.clone(),
+                file: name != "verity",
+            });
+        }
+    }
+    let manifest = payload::make::make_components(
+        &inputs,
+        version,
+        source.map(|(_, v)| v.as_str()),
         &key,
         &opts,
         &common.output,
@@ -381,6 +534,7 @@ fn make(
         source_version: manifest.source_version.clone(),
         signer: key.fingerprint().to_owned(),
         seconds: started.elapsed().as_secs_f64(),
+        verity_root_hash: root_hash,
         components: payload::summary::summarize(&manifest),
     };
     if common.json {

@@ -556,3 +556,166 @@ fn index_add_sign_show_and_refuse_tampering() {
     let err = fails(&["index", "show", s(&index), "--keyring", s(&keyring)]);
     assert!(err.contains("signature"), "{err}");
 }
+
+#[test]
+fn verity_tree_and_uki_are_checked_before_signing_and_round_trip() {
+    let dir = TempDir::new("release-uki");
+    let d = dir.path();
+    let (key, keyring) = keygen(d);
+    let (old, new) = image_files(d);
+    let (old_hash, new_hash) = (d.join("old.hash"), d.join("new.hash"));
+    let old_root = tandem_testkit::veritysetup_format(&old, &old_hash);
+    let new_root = tandem_testkit::veritysetup_format(&new, &new_hash);
+    let osrel = |v: &str| format!("ID=acl\nVERSION_ID={v}\n");
+    let kernel = tandem_testkit::noise(7, 200_000);
+    let uki = |name: &str, v: &str, cmdline: &str| {
+        tandem_testkit::make_uki(d, name, &osrel(v), cmdline, Some(&kernel))
+    };
+    let old_uki = uki(
+        "old.efi",
+        "1.0",
+        &format!("mount.usr=/dev/mapper/usr usrhash={old_root}"),
+    );
+    let new_uki = uki(
+        "new.efi",
+        "2.0",
+        &format!("mount.usr=/dev/mapper/usr usrhash={new_root}"),
+    );
+    let out = d.join("full.tpl");
+    let full = |uki: &Path, addon: Option<&Path>, out: &Path| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "full",
+            "--image",
+            s(&new),
+            "--version",
+            "2.0",
+            "--key",
+            s(&key),
+            "-o",
+            s(out),
+            "--verity-hash",
+            s(&new_hash),
+            "--uki",
+            s(uki),
+            "--json",
+            "-q",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        if let Some(addon) = addon {
+            args.extend(["--addon".to_string(), s(addon).to_string()]);
+        }
+        args
+    };
+    let args = full(&new_uki, None, &out);
+    let summary: serde_json::Value =
+        serde_json::from_str(&ok(&args.iter().map(String::as_str).collect::<Vec<_>>())).unwrap();
+    assert_eq!(summary["verity_root_hash"], new_root.as_str());
+    let names: Vec<&str> = summary["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["usr", "verity", "uki"]);
+
+    // A UKI naming another root hash is refused, and nothing is written.
+    let wrong = uki("wrong.efi", "2.0", &format!("usrhash={old_root}"));
+    let refused = d.join("refused.tpl");
+    let args = full(&wrong, None, &refused);
+    let err = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains("refusing to sign") && err.contains(&new_root),
+        "{err}"
+    );
+    assert!(!refused.exists());
+    // ACL's shape: the UKI names no hash, the slot's addon does.
+    let bare = uki("bare.efi", "2.0", "mount.usr=/dev/mapper/usr");
+    let addon = tandem_testkit::make_uki(
+        d,
+        "b.addon.efi",
+        "",
+        &format!("systemd.verity_usr_data=PARTUUID=x usrhash={new_root}"),
+        None,
+    );
+    let with_addon = d.join("addon.tpl");
+    let args = full(&bare, Some(&addon), &with_addon);
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = full(&bare, None, &refused);
+    let err = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("names no usrhash="), "{err}");
+    let args = full(&addon, None, &refused);
+    let err = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("not a UKI"), "{err}");
+
+    // A delta of all three, applied to fresh targets, byte for byte.
+    let delta = d.join("delta.tpl");
+    ok(&[
+        "delta",
+        "--source",
+        s(&old),
+        "--source-version",
+        "1.0",
+        "--image",
+        s(&new),
+        "--version",
+        "2.0",
+        "--key",
+        s(&key),
+        "-o",
+        s(&delta),
+        "-q",
+        "--verity-hash",
+        s(&new_hash),
+        "--uki",
+        s(&new_uki),
+        "--source-verity-hash",
+        s(&old_hash),
+        "--source-uki",
+        s(&old_uki),
+    ]);
+    let (slot, hash_part, uki_out) = (d.join("slot"), d.join("hash-part"), d.join("uki-out"));
+    fs::write(&slot, vec![0u8; fs::metadata(&new).unwrap().len() as usize]).unwrap();
+    fs::write(&hash_part, vec![0u8; 1 << 20]).unwrap();
+    fs::write(&uki_out, b"").unwrap();
+    let (old_slot, old_hash_part) = (d.join("old-slot"), d.join("old-hash-part"));
+    fs::copy(&old, &old_slot).unwrap();
+    fs::copy(&old_hash, &old_hash_part).unwrap();
+    ok(&[
+        "apply",
+        s(&delta),
+        "--keyring",
+        s(&keyring),
+        "--target",
+        &format!("usr={}", s(&slot)),
+        "--target",
+        &format!("verity={}", s(&hash_part)),
+        "--target",
+        &format!("uki={}", s(&uki_out)),
+        "--source",
+        &format!("usr={}", s(&old_slot)),
+        "--source",
+        &format!("verity={}", s(&old_hash_part)),
+        "--source",
+        &format!("uki={}", s(&old_uki)),
+        "-q",
+    ]);
+    assert_eq!(fs::read(&slot).unwrap(), fs::read(&new).unwrap());
+    let tree = fs::read(&new_hash).unwrap();
+    assert_eq!(&fs::read(&hash_part).unwrap()[..tree.len()], &tree[..]);
+    assert_eq!(fs::read(&uki_out).unwrap(), fs::read(&new_uki).unwrap());
+    // The delta carries little of the UKI: its kernel is unchanged.
+    let inspect = ok(&["inspect", s(&delta), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let uki_part = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "uki")
+        .unwrap()
+        .clone();
+    let blobs = uki_part["data"]["blob_bytes"].as_u64().unwrap()
+        + uki_part["patch"]["blob_bytes"].as_u64().unwrap();
+    assert!(blobs < 50_000, "{uki_part}");
+}

@@ -367,3 +367,65 @@ pub fn image_pair() -> (Vec<u8>, Vec<u8>) {
     target[6 * MIB + 12_345] ^= 1;
     (source, target)
 }
+
+/// systemd's EFI stub from Debian's `systemd-boot-efi`, the base of the
+/// test UKIs.
+pub const EFI_STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+
+/// A UKI made the way `ukify` does before it signs: `objcopy` adds the
+/// `.osrel`, `.cmdline` and (for a UKI, not an addon) `.linux` sections
+/// to systemd's stub. Unsigned: the tests check what tandem reads and
+/// writes, not Secure Boot. An "addon" here is the same stub without a
+/// kernel: bookworm's systemd 252 ships no addon stub, and tandem reads
+/// an addon only for its `.cmdline`.
+pub fn make_uki(
+    dir: &Path,
+    name: &str,
+    os_release: &str,
+    cmdline: &str,
+    kernel: Option<&[u8]>,
+) -> PathBuf {
+    let out = dir.join(name);
+    let osrel = dir.join(format!("{name}.osrel"));
+    let cmd = dir.join(format!("{name}.cmdline"));
+    fs::write(&osrel, os_release).unwrap();
+    fs::write(&cmd, cmdline).unwrap();
+    let mut args: Vec<String> = vec![
+        "--add-section".into(),
+        format!(".osrel={}", osrel.display()),
+        "--change-section-vma".into(),
+        ".osrel=0x20000".into(),
+        "--add-section".into(),
+        format!(".cmdline={}", cmd.display()),
+        "--change-section-vma".into(),
+        ".cmdline=0x30000".into(),
+    ];
+    if let Some(kernel) = kernel {
+        let linux = dir.join(format!("{name}.linux"));
+        fs::write(&linux, kernel).unwrap();
+        args.extend([
+            "--add-section".into(),
+            format!(".linux={}", linux.display()),
+            "--change-section-vma".into(),
+            ".linux=0x2000000".into(),
+        ]);
+    }
+    args.extend([EFI_STUB.to_string(), out.display().to_string()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run("objcopy", &refs);
+    out
+}
+
+/// `veritysetup format` of `data` into a new `hash` file; returns the
+/// root hash it printed.
+pub fn veritysetup_format(data: &Path, hash: &Path) -> String {
+    let out = run(
+        "veritysetup",
+        &["format", data.to_str().unwrap(), hash.to_str().unwrap()],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Root hash:"))
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|| panic!("no root hash in veritysetup's output:\n{text}"))
+}

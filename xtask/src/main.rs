@@ -38,7 +38,7 @@ use bootconfig::{BootBackend, SlotLayout};
 /// Prometheus reference parser (the metrics test reads tandem's metrics
 /// with it), openssl and curl (the cluster tests' certificates and the API
 /// server's readiness).
-pub(crate) const PACKAGES: [&str; 10] = [
+pub(crate) const PACKAGES: [&str; 13] = [
     "gdisk",
     "cgpt",
     "systemd-boot",
@@ -49,6 +49,11 @@ pub(crate) const PACKAGES: [&str; 10] = [
     "python3-prometheus-client",
     "openssl",
     "curl",
+    // veritysetup checks tandem's verity code; objcopy and systemd's EFI
+    // stub make the test UKIs.
+    "cryptsetup-bin",
+    "binutils",
+    "systemd-boot-efi",
 ];
 
 fn main() -> std::process::ExitCode {
