@@ -147,6 +147,9 @@ pub struct ApplyOptions {
     /// Refuses a payload the caller did not ask for (another version, a
     /// manifest other than the index names) before any write.
     pub vet: Option<Vet>,
+    /// Paths given for components the payload does not have are ignored
+    /// (a node offers every part of its slot) instead of refused.
+    pub skip_unused_paths: bool,
 }
 
 impl std::fmt::Debug for ApplyOptions {
@@ -156,6 +159,7 @@ impl std::fmt::Debug for ApplyOptions {
             .field("checkpoint", &self.checkpoint)
             .field("checkpoint_every", &self.checkpoint_every)
             .field("vet", &self.vet.is_some())
+            .field("skip_unused_paths", &self.skip_unused_paths)
             .finish()
     }
 }
@@ -167,6 +171,7 @@ impl Default for ApplyOptions {
             checkpoint: None,
             checkpoint_every: 64 << 20,
             vet: None,
+            skip_unused_paths: false,
         }
     }
 }
@@ -269,7 +274,7 @@ pub fn apply<R: PayloadReader>(
     let manifest = &head.manifest;
     let manifest_sha256 = sha256(&head.manifest_bytes);
     for p in paths {
-        if !manifest.components.iter().any(|c| c.name == p.component) {
+        if !opts.skip_unused_paths && !manifest.components.iter().any(|c| c.name == p.component) {
             return Err(ApplyError::UnknownComponent(p.component.clone()));
         }
     }

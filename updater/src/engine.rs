@@ -20,6 +20,7 @@
 //! good) is the boot assessment after the reboot (`engine/boot.rs`).
 
 mod boot;
+mod verity;
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -34,7 +35,7 @@ use payload::apply::{ApplyProgress, Phase};
 use payload::digest::Sha256Stream;
 use payload::format::{ImageRef, Sha256Hex};
 use payload::index::{self, format_time, Choice, IndexError, PayloadChoice, ReleaseIndex};
-use payload::{ApplyError, ApplyOptions, ApplyOutcome, ByteRange, ComponentPaths, Keyring};
+use payload::{ApplyError, ApplyOptions, ApplyOutcome, ComponentPaths, Keyring};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BootBackendKind, Config};
@@ -1239,22 +1240,11 @@ impl Engine {
             inner: reader,
             hasher: source.sha256.map(|_| Sha256Stream::default()),
         };
-        let (disk, slot_range, source_range) = {
-            let o = layout;
-            let slot = &o.slots[job.slot.index()];
-            let other = &o.slots[job.slot.other().index()];
-            (
-                o.disk.clone(),
-                ByteRange {
-                    offset: slot.offset,
-                    len: slot.size,
-                },
-                ByteRange {
-                    offset: other.offset,
-                    len: other.size,
-                },
-            )
-        };
+        let paths = verity::component_paths(
+            &layout.disk,
+            &layout.slots[job.slot.index()],
+            &layout.slots[job.slot.other().index()],
+        );
         let written_version: Arc<Mutex<Option<Written>>> = Arc::default();
         let cleared = Arc::new(AtomicBool::new(false));
         let vet: payload::apply::Vet = {
@@ -1283,15 +1273,7 @@ impl Engine {
                 Ok(())
             })
         };
-        let applied = self.run_apply(
-            &mut reader,
-            keyring,
-            disk,
-            slot_range,
-            source_range,
-            vet,
-            &stats,
-        );
+        let applied = self.run_apply(&mut reader, keyring, paths, vet, &stats);
         if cleared.load(Ordering::SeqCst) {
             // The slot that held a staged update no longer boots.
             self.update(|p| p.staged = None)?;
@@ -1334,15 +1316,33 @@ impl Engine {
         {
             let mut o = slotctl::open(&self.target(), true)
                 .map_err(|e| EngineError::Slots(format!("{e:#}")))?;
-            if o.backend.installs_boot_files() {
-                // Read from the slot just verified, so the kernel booted is
-                // the one the payload's signature covers.
-                let slot = &o.slots[job.slot.index()];
-                let files =
-                    bootconfig::bootfiles::read_from_image(&o.disk_path, slot.offset, slot.size)
-                        .map_err(|e| {
-                            EngineError::Slots(format!("slot {}'s boot files: {e}", job.slot))
-                        })?;
+            let slot = o.slots[job.slot.index()].clone();
+            // Read from the slot just verified, so the kernel booted is the
+            // one the payload's signature covers.
+            let files = if o.backend.installs_boot_files() {
+                Some(
+                    bootconfig::bootfiles::read_from_image(
+                        &o.disk_path,
+                        slot.offset,
+                        slot.image_size(),
+                    )
+                    .map_err(|e| {
+                        EngineError::Slots(format!("slot {}'s boot files: {e}", job.slot))
+                    })?,
+                )
+            } else {
+                None
+            };
+            let usrhash = files
+                .as_ref()
+                .and_then(|f| bootconfig::uki::usrhash(&f.cmdline));
+            if let Some(root) = verity::check_slot(&o.disk_path, &slot, usrhash.as_deref())? {
+                tracing::info!(
+                    "slot {}: dm-verity tree matches its data, root hash {root} as its boot entry names",
+                    job.slot
+                );
+            }
+            if let Some(files) = files {
                 let notes = o
                     .backend
                     .install(job.slot, &version, &files, &self.config.slots.root_arg)
@@ -1410,9 +1410,7 @@ impl Engine {
         &self,
         reader: &mut HashingReader,
         keyring: &Keyring,
-        disk: PathBuf,
-        slot_range: ByteRange,
-        source_range: ByteRange,
+        paths: Vec<ComponentPaths>,
         vet: payload::apply::Vet,
         stats: &fetch::FetchStats,
     ) -> Result<(), EngineError> {
@@ -1420,18 +1418,12 @@ impl Engine {
             0 => payload::digest::worker_count(),
             n => n,
         };
-        let paths = [ComponentPaths {
-            component: "usr".into(),
-            target: disk.clone(),
-            target_range: Some(slot_range),
-            source: Some(disk),
-            source_range: Some(source_range),
-        }];
         let opts = ApplyOptions {
             threads,
             checkpoint: Some(self.dir.checkpoint_file()),
             checkpoint_every: self.config.apply.checkpoint_mib.max(1) << 20,
             vet: Some(vet),
+            skip_unused_paths: true,
         };
         let mut written = false;
         let mut last_note: Option<Instant> = None;

@@ -479,6 +479,20 @@ impl Engine {
                 staged.slot
             );
         }
+        // The hash tree could have changed since staging too: the gate
+        // runs again, against the root hash the boot entry names.
+        let usrhash = if self.open_slots(false)?.backend.installs_boot_files() {
+            bootconfig::bootfiles::read_from_image(&disk, slot.offset, slot.image_size())
+                .ok()
+                .and_then(|f| bootconfig::uki::usrhash(&f.cmdline))
+        } else {
+            None
+        };
+        if let Err(e) = super::verity::check_slot(&disk, &slot, usrhash.as_deref()) {
+            self.update(|p| p.staged = None)?;
+            self.rest_after_boot_change()?;
+            return Err(e);
+        }
         let notes = self
             .open_slots(true)?
             .backend
