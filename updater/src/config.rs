@@ -162,6 +162,46 @@ pub struct Slots {
     /// entries tandem writes: `mount.usr` for a /usr slot, `root` for a
     /// root slot.
     pub root_arg: String,
+    /// Where the slots' dm-verity hash trees are: `auto` (HASH-A/HASH-B
+    /// partitions of the DPS usr-verity type if the disk has them, as
+    /// ACL's layout does), `none`, `partitions` (labels `hash_label_a`/`_b`,
+    /// which must exist) or `in-slot` (Flatcar: at `hash_offset` bytes
+    /// into each slot).
+    pub hash: HashKind,
+    pub hash_label_a: String,
+    pub hash_label_b: String,
+    pub hash_offset: Option<u64>,
+}
+
+/// `slots.hash`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashKind {
+    Auto,
+    None,
+    Partitions,
+    InSlot,
+}
+
+impl Slots {
+    /// The slot layout this configuration describes.
+    pub fn layout(&self) -> bootconfig::SlotLayout {
+        use bootconfig::HashLayout;
+        bootconfig::SlotLayout {
+            labels: [self.label_a.clone(), self.label_b.clone()],
+            hash: match self.hash {
+                HashKind::Auto => HashLayout::Auto,
+                HashKind::None => HashLayout::None,
+                HashKind::Partitions => HashLayout::Partitions {
+                    labels: [self.hash_label_a.clone(), self.hash_label_b.clone()],
+                },
+                HashKind::InSlot => HashLayout::InSlot {
+                    offset: self.hash_offset.unwrap_or(0),
+                },
+            },
+            ..bootconfig::SlotLayout::default()
+        }
+    }
 }
 
 impl Default for Slots {
@@ -173,6 +213,10 @@ impl Default for Slots {
             boot_backend: BootBackendKind::Gptprio,
             esp: None,
             root_arg: "mount.usr".into(),
+            hash: HashKind::Auto,
+            hash_label_a: "HASH-A".into(),
+            hash_label_b: "HASH-B".into(),
+            hash_offset: None,
         }
     }
 }
@@ -419,6 +463,11 @@ pub fn from_documents(docs: &[(PathBuf, String)]) -> Result<Config, ConfigError>
             "slots.boot_backend = \"bls\" needs slots.esp".into(),
         ));
     }
+    if (config.slots.hash == HashKind::InSlot) != config.slots.hash_offset.is_some() {
+        return Err(ConfigError::Invalid(
+            "slots.hash = \"in-slot\" needs slots.hash_offset, and slots.hash_offset is only for it".into(),
+        ));
+    }
     crate::reboot::validate(&config.reboot).map_err(ConfigError::Invalid)?;
     Ok(config)
 }
@@ -475,6 +524,17 @@ mod tests {
         let err =
             from_documents(&[doc("d.toml", "[slots]\nboot_backend = \"bls\"\n")]).unwrap_err();
         assert!(err.to_string().contains("needs slots.esp"), "{err}");
+        let err = from_documents(&[doc("d.toml", "[slots]\nhash = \"in-slot\"\n")]).unwrap_err();
+        assert!(err.to_string().contains("needs slots.hash_offset"), "{err}");
+        let flatcar = from_documents(&[doc(
+            "d.toml",
+            "[slots]\nhash = \"in-slot\"\nhash_offset = 1048576\n",
+        )])
+        .unwrap();
+        assert_eq!(
+            flatcar.slots.layout().hash,
+            bootconfig::HashLayout::InSlot { offset: 1 << 20 }
+        );
         let err = from_documents(&[doc("e.toml", "[slots]\nroot_arg = \"init\"\n")]).unwrap_err();
         assert!(
             err.to_string().contains("mount.usr, verity.usr, usr, root"),

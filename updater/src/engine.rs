@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use bootconfig::gptprio::SlotStatus;
-use bootconfig::{version, SlotLayout, SlotName};
+use bootconfig::{version, SlotName};
 use payload::apply::{ApplyProgress, Phase};
 use payload::digest::Sha256Stream;
 use payload::format::{ImageRef, Sha256Hex};
@@ -612,13 +612,7 @@ impl Engine {
     }
 
     fn target(&self) -> Target {
-        let layout = SlotLayout {
-            labels: [
-                self.config.slots.label_a.clone(),
-                self.config.slots.label_b.clone(),
-            ],
-            ..SlotLayout::default()
-        };
+        let layout = self.config.slots.layout();
         Target {
             disk: self.config.slots.disk.clone(),
             esp: match self.config.slots.boot_backend {

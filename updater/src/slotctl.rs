@@ -9,7 +9,7 @@ use bootconfig::backend::{BlsBackend, GptPrioBackend};
 use bootconfig::bls::EntriesDir;
 use bootconfig::gpt::{CopyHealth, GptDisk};
 use bootconfig::gptprio::SlotStatus;
-use bootconfig::{cmdline, slots, BootBackend, Slot, SlotBoot, SlotLayout, SlotName};
+use bootconfig::{cmdline, slots, BootBackend, HashArea, Slot, SlotBoot, SlotLayout, SlotName};
 use serde::Serialize;
 
 /// Version of the `updatectl slots --json` document; bumped on any
@@ -276,6 +276,22 @@ pub fn render(report: &SlotsReport) -> String {
             "slot {}{marker}\n  partition: {} {:?}\n  partuuid:  {}\n  offset:    {} bytes, size {} bytes\n",
             s.slot.name, s.slot.partition_number, s.slot.label, s.slot.partuuid, s.slot.offset, s.slot.size
         ));
+        match &s.slot.hash {
+            Some(HashArea::Partition(p)) => out.push_str(&format!(
+                "  hash:      partition {} {:?} ({}, {} bytes)\n",
+                p.partition_number, p.label, p.partuuid, p.size
+            )),
+            Some(HashArea::InSlot { offset }) => out.push_str(&format!(
+                "  hash:      inside the slot from byte {offset}\n"
+            )),
+            None => {}
+        }
+        if let Some(p) = &s.slot.hash_sig {
+            out.push_str(&format!(
+                "  hash-sig:  partition {} {:?} ({})\n",
+                p.partition_number, p.label, p.partuuid
+            ));
+        }
         match &s.boot {
             SlotBoot::Gptprio {
                 priority,

@@ -54,7 +54,11 @@ pub(super) fn check_slot(
         )));
     };
     let file = std::fs::File::open(disk).map_err(|e| {
-        EngineError::System(format!("opening {} to check slot {}: {e}", disk.display(), slot.name))
+        EngineError::System(format!(
+            "opening {} to check slot {}: {e}",
+            disk.display(),
+            slot.name
+        ))
     })?;
     let data = Area {
         file: &file,
