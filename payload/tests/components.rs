@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::Cursor;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use payload::make::ComponentInput;
 use payload::{ApplyError, ApplyOptions, ApplyOutcome, ComponentPaths, Keyring, MakeOptions};
@@ -36,10 +36,10 @@ impl Setup {
     }
 }
 
-fn input(name: &str, target: &PathBuf, source: Option<&PathBuf>, file: bool) -> ComponentInput {
+fn input(name: &str, target: &Path, source: Option<&PathBuf>, file: bool) -> ComponentInput {
     ComponentInput {
         name: name.into(),
-        target: target.clone(),
+        target: target.to_path_buf(),
         source: source.cloned(),
         file,
     }
