@@ -15,6 +15,7 @@ use crate::cmdline;
 use crate::gpt::{GptDisk, GptError, PartitionEntry};
 use crate::gptprio::{self, GptPrio, SlotPair, SlotStatus, TransitionError};
 use crate::slots::{Slot, SlotError};
+use crate::ukidir::UkiDir;
 use crate::SlotName;
 
 /// Why a boot-selection operation failed. Nothing was written when it did,
@@ -39,6 +40,8 @@ pub enum BootError {
         count: usize,
         dir: PathBuf,
     },
+    #[error("the {backend} backend does not install UKIs")]
+    NoUkis { backend: &'static str },
     #[error(
         "refusing: systemd-boot would still boot {winner} first, not slot {slot}'s entry {entry}"
     )]
@@ -111,6 +114,32 @@ pub trait BootBackend {
         _root_arg: &str,
     ) -> Result<Vec<String>, BootError> {
         Ok(Vec::new())
+    }
+    /// Whether the slot boots a UKI that comes with its payload (type #2
+    /// entries) rather than a kernel read from the slot.
+    fn boots_ukis(&self) -> bool {
+        false
+    }
+    /// Where a slot's new UKI and addon are written before
+    /// [`install_uki`](BootBackend::install_uki) places them.
+    fn uki_staging(&self, _slot: SlotName) -> Option<(PathBuf, PathBuf)> {
+        None
+    }
+    /// The slot's installed UKI and addon, if it has an entry.
+    fn uki_files(&self, _slot: SlotName) -> Option<(PathBuf, Option<PathBuf>)> {
+        None
+    }
+    /// Installs a written and verified slot's UKI (and addon) as its
+    /// entry, with no tries left: the slot boots only once set next.
+    fn install_uki(
+        &mut self,
+        _slot: SlotName,
+        _uki: &std::path::Path,
+        _addon: Option<&std::path::Path>,
+    ) -> Result<Vec<String>, BootError> {
+        Err(BootError::NoUkis {
+            backend: self.name(),
+        })
     }
 }
 
@@ -244,6 +273,9 @@ impl BootBackend for GptPrioBackend {
 #[derive(Debug)]
 pub struct BlsBackend {
     dir: EntriesDir,
+    /// Type #2 entries, read beside the type #1 ones, when the ESP's
+    /// slots boot UKIs.
+    ukis: Option<UkiDir>,
     slots: [Slot; 2],
     entries: Vec<BlsEntry>,
     default_pattern: Option<String>,
@@ -252,20 +284,60 @@ pub struct BlsBackend {
 impl BlsBackend {
     /// Reads the entries of the ESP mounted at `esp`.
     pub fn open(dir: EntriesDir, slots: [Slot; 2]) -> Result<Self, BootError> {
-        let entries = dir.read()?;
+        Self::open_with(dir, None, slots)
+    }
+
+    /// Reads both kinds of entries of the ESP; tandem installs UKIs
+    /// (type #2) for the slots.
+    pub fn open_ukis(esp: &std::path::Path, slots: [Slot; 2]) -> Result<Self, BootError> {
+        Self::open_with(EntriesDir::new(esp), Some(UkiDir::new(esp)), slots)
+    }
+
+    fn open_with(
+        dir: EntriesDir,
+        ukis: Option<UkiDir>,
+        slots: [Slot; 2],
+    ) -> Result<Self, BootError> {
         let default_pattern = dir.default_pattern()?;
-        let backend = BlsBackend {
+        let mut backend = BlsBackend {
             dir,
+            ukis,
             slots,
-            entries,
+            entries: Vec::new(),
             default_pattern,
         };
+        backend.entries = backend.read_all()?;
         // Two entries for one slot is ambiguous: say so now rather than
         // show the slot as having none.
         for slot in SlotName::BOTH {
             backend.entry_index(slot)?;
         }
         Ok(backend)
+    }
+
+    /// Both kinds of entries, as systemd-boot lists them together.
+    fn read_all(&self) -> Result<Vec<BlsEntry>, BootError> {
+        let mut entries = self.dir.read()?;
+        if let Some(ukis) = &self.ukis {
+            entries.extend(ukis.read()?);
+        }
+        Ok(entries)
+    }
+
+    fn set_counter(&self, entry: &BlsEntry, counter: Option<BootCounter>) -> Result<(), BootError> {
+        match (&self.ukis, entry.name.suffix) {
+            (Some(ukis), ".efi") => ukis.set_counter(entry, counter)?,
+            _ => self.dir.set_counter(entry, counter)?,
+        };
+        Ok(())
+    }
+
+    fn remove_entry(&self, entry: &BlsEntry) -> Result<(), BootError> {
+        match (&self.ukis, entry.name.suffix) {
+            (Some(ukis), ".efi") => ukis.remove(entry)?,
+            _ => self.dir.remove(entry)?,
+        };
+        Ok(())
     }
 
     /// The slot an entry boots, by the PARTUUID in its options.
@@ -312,8 +384,8 @@ impl BlsBackend {
         index: usize,
         counter: Option<BootCounter>,
     ) -> Result<Vec<String>, BootError> {
-        self.dir.set_counter(&self.entries[index], counter)?;
-        self.entries = self.dir.read()?;
+        self.set_counter(&self.entries[index], counter)?;
+        self.entries = self.read_all()?;
         Ok(Vec::new())
     }
 
@@ -336,7 +408,11 @@ impl BlsBackend {
 
 impl BootBackend for BlsBackend {
     fn name(&self) -> &'static str {
-        "bls"
+        if self.ukis.is_some() {
+            "uki"
+        } else {
+            "bls"
+        }
     }
 
     fn slot_boot(&self, slot: SlotName) -> SlotBoot {
@@ -361,8 +437,8 @@ impl BootBackend for BlsBackend {
 
     fn clear(&mut self, slot: SlotName) -> Result<Vec<String>, BootError> {
         if let Some(index) = self.entry_index(slot)? {
-            self.dir.remove(&self.entries[index])?;
-            self.entries = self.dir.read()?;
+            self.remove_entry(&self.entries[index])?;
+            self.entries = self.read_all()?;
         }
         Ok(Vec::new())
     }
@@ -380,8 +456,27 @@ impl BootBackend for BlsBackend {
         let mut planned = self.entries.clone();
         planned[index].name.counter = Some(counter);
         planned[index].file_name = planned[index].name.file_name();
-        let winner = bls::default_entry(&planned, self.default_pattern.as_deref())
-            .map(|e| e.file_name.clone());
+        let winner_of = |planned: &[BlsEntry]| {
+            bls::default_entry(planned, self.default_pattern.as_deref())
+                .map(|e| e.file_name.clone())
+        };
+        let mut demote = None;
+        if winner_of(&planned).as_deref() != Some(planned[index].file_name.as_str()) {
+            // systemd-boot boots the newest version first. To boot an
+            // older slot (a rollback), the other slot's entry is demoted:
+            // its counter set spent (+0), which systemd-boot sorts last
+            // but still boots when this slot's tries run out (the newest
+            // of the spent entries first). The assessment blesses it again
+            // if the node comes back to it.
+            if let Some(other) = self.entry_index(slot.other())? {
+                let done = planned[other].name.counter.map_or(0, |c| c.done);
+                let spent = BootCounter { left: 0, done };
+                planned[other].name.counter = Some(spent);
+                planned[other].file_name = planned[other].name.file_name();
+                demote = Some((self.entries[other].name.stem.clone(), spent));
+            }
+        }
+        let winner = winner_of(&planned);
         if winner.as_deref() != Some(planned[index].file_name.as_str()) {
             return Err(BootError::WouldNotBootFirst {
                 slot,
@@ -389,7 +484,20 @@ impl BootBackend for BlsBackend {
                 winner: winner.unwrap_or_default(),
             });
         }
-        self.rename(index, Some(counter))
+        // The slot's tries first: a crash before the demotion leaves the
+        // old order, which boots the running slot.
+        let mut notes = self.rename(index, Some(counter))?;
+        if let Some((stem, spent)) = demote {
+            if let Some(i) = self.entries.iter().position(|e| e.name.stem == stem) {
+                let name = self.entries[i].file_name.clone();
+                self.rename(i, Some(spent))?;
+                notes.push(format!(
+                    "slot {}'s entry {name} is demoted (no tries left) so that systemd-boot boots slot {slot}'s older version first; it still boots if slot {slot} fails",
+                    slot.other()
+                ));
+            }
+        }
+        Ok(notes)
     }
 
     fn mark_good(&mut self, slot: SlotName) -> Result<Vec<String>, BootError> {
@@ -446,8 +554,63 @@ impl BootBackend for BlsBackend {
             Some(BootCounter { left: 0, done: 0 }),
             &entry,
         )?;
-        self.entries = self.dir.read()?;
+        self.entries = self.read_all()?;
         Ok(Vec::new())
+    }
+
+    fn boots_ukis(&self) -> bool {
+        self.ukis.is_some()
+    }
+
+    fn uki_staging(&self, slot: SlotName) -> Option<(PathBuf, PathBuf)> {
+        let ukis = self.ukis.as_ref()?;
+        Some(ukis.staging_paths(&bootfiles::entry_stem(slot)))
+    }
+
+    fn uki_files(&self, slot: SlotName) -> Option<(PathBuf, Option<PathBuf>)> {
+        let ukis = self.ukis.as_ref()?;
+        let index = self.entry_index(slot).ok().flatten()?;
+        let entry = &self.entries[index];
+        (entry.name.suffix == ".efi").then(|| ukis.files_of(entry))
+    }
+
+    fn install_uki(
+        &mut self,
+        slot: SlotName,
+        uki: &std::path::Path,
+        addon: Option<&std::path::Path>,
+    ) -> Result<Vec<String>, BootError> {
+        let Some(ukis) = self.ukis.clone() else {
+            return Err(BootError::NoUkis { backend: "bls" });
+        };
+        // Any old entry of the slot goes first (type #1 too).
+        self.clear(slot)?;
+        let name = ukis.install(
+            &bootfiles::entry_stem(slot),
+            uki,
+            addon,
+            Some(BootCounter { left: 0, done: 0 }),
+        )?;
+        self.entries = self.read_all()?;
+        if self.entry_index(slot)?.is_none() {
+            // The UKI does not name this slot's PARTUUID: it could never
+            // be told apart, so it does not stay on the ESP.
+            if let Some(entry) = self.entries.iter().find(|e| e.file_name == name).cloned() {
+                self.remove_entry(&entry)?;
+                self.entries = self.read_all()?;
+            }
+            return Err(BootError::NoEntry {
+                slot,
+                dir: ukis.dir(),
+            });
+        }
+        // Leftovers of interrupted writes go: one operation runs at a
+        // time, so no other staging file is in use.
+        let removed = ukis.sweep(&[])?;
+        Ok(removed
+            .iter()
+            .map(|p| format!("removed leftover {}", p.display()))
+            .collect())
     }
 }
 

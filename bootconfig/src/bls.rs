@@ -21,17 +21,25 @@ pub struct BootCounter {
     pub done: u32,
 }
 
-/// An entry file name taken apart: `STEM[+LEFT[-DONE]].conf`.
+/// An entry file name taken apart: `STEM[+LEFT[-DONE]].conf` (type #1)
+/// or `STEM[+LEFT[-DONE]].efi` (type #2, a UKI in `EFI/Linux/`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EntryName {
     pub stem: String,
     pub counter: Option<BootCounter>,
+    /// `.conf` or `.efi`.
+    #[serde(skip)]
+    pub suffix: &'static str,
 }
 
 impl EntryName {
-    /// Parses a file name; `None` when it is not a `.conf` entry. Pure.
+    /// Parses a file name; `None` when it is not a `.conf` or `.efi`
+    /// entry. Pure.
     pub fn parse(file_name: &str) -> Option<EntryName> {
-        let base = file_name.strip_suffix(".conf")?;
+        let (base, suffix) = match file_name.strip_suffix(".conf") {
+            Some(base) => (base, ".conf"),
+            None => (file_name.strip_suffix(".efi")?, ".efi"),
+        };
         if base.is_empty() || base.starts_with('.') {
             return None;
         }
@@ -58,26 +66,29 @@ impl EntryName {
             Some((plus, counter)) => EntryName {
                 stem: base[..plus].to_string(),
                 counter: Some(counter),
+                suffix,
             },
             None => EntryName {
                 stem: base.to_string(),
                 counter: None,
+                suffix,
             },
         })
     }
 
     /// The file name for this stem and counter.
     pub fn file_name(&self) -> String {
+        let (stem, suffix) = (&self.stem, self.suffix);
         match self.counter {
-            None => format!("{}.conf", self.stem),
-            Some(BootCounter { left, done: 0 }) => format!("{}+{left}.conf", self.stem),
-            Some(BootCounter { left, done }) => format!("{}+{left}-{done}.conf", self.stem),
+            None => format!("{stem}{suffix}"),
+            Some(BootCounter { left, done: 0 }) => format!("{stem}+{left}{suffix}"),
+            Some(BootCounter { left, done }) => format!("{stem}+{left}-{done}{suffix}"),
         }
     }
 
     /// The entry's id as systemd-boot sees it: the file name without counter.
     pub fn id(&self) -> String {
-        format!("{}.conf", self.stem)
+        format!("{}{}", self.stem, self.suffix)
     }
 }
 
@@ -297,6 +308,8 @@ pub enum BlsError {
     },
     #[error("not a valid entry stem {0:?} (letters, digits, '-', '_', '.', no '+')")]
     BadStem(String),
+    #[error(transparent)]
+    Uki(#[from] crate::uki::UkiError),
 }
 
 /// The `loader/entries` folder of an ESP (or XBOOTLDR) and its loader.conf.
@@ -352,7 +365,7 @@ impl EntriesDir {
         for item in listing {
             let item = item.map_err(Self::io(&dir, "cannot list"))?;
             let file_name = item.file_name().to_string_lossy().into_owned();
-            let Some(name) = EntryName::parse(&file_name) else {
+            let Some(name) = EntryName::parse(&file_name).filter(|n| n.suffix == ".conf") else {
                 continue;
             };
             let path = item.path();
@@ -385,6 +398,7 @@ impl EntriesDir {
         let name = EntryName {
             stem: stem.to_string(),
             counter,
+            suffix: ".conf",
         };
         let final_name = name.file_name();
         let temp = dir.join(format!(".{final_name}.tmp"));
@@ -416,6 +430,7 @@ impl EntriesDir {
         let name = EntryName {
             stem: entry.name.stem.clone(),
             counter,
+            suffix: entry.name.suffix,
         };
         let new_name = name.file_name();
         if new_name != entry.file_name {

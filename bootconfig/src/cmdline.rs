@@ -6,8 +6,15 @@ use crate::SlotName;
 
 /// Keys that name the `/usr` or root device, most specific first. Flatcar
 /// boots with `mount.usr=/dev/mapper/usr verity.usr=PARTUUID=…`, so
-/// `verity.usr` is asked when `mount.usr` names no partition.
-pub const ROOT_ARGS: [&str; 4] = ["mount.usr", "verity.usr", "usr", "root"];
+/// `verity.usr` is asked when `mount.usr` names no partition; ACL's UKI
+/// addons name the slot as `systemd.verity_usr_data=PARTUUID=…`.
+pub const ROOT_ARGS: [&str; 5] = [
+    "mount.usr",
+    "verity.usr",
+    "systemd.verity_usr_data",
+    "usr",
+    "root",
+];
 
 /// Splits a kernel command line into words, honouring double quotes the way
 /// the kernel does (`key="a b"` is one word, quotes removed).

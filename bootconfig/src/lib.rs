@@ -9,6 +9,7 @@
 //!   image and installed on the ESP.
 //! - [`uki`]: Unified Kernel Images and addons: their command line and
 //!   os-release, read from the PE sections.
+//! - [`ukidir`]: type #2 entries (UKIs in `EFI/Linux/`) with boot counting.
 //! - [`backend`]: the one small interface both boot backends implement.
 //!
 //! Decisions (transitions, boot order) are pure functions over data; the I/O
@@ -23,6 +24,7 @@ pub mod gptprio;
 pub mod guid;
 pub mod slots;
 pub mod uki;
+pub mod ukidir;
 pub mod version;
 
 use std::fmt;

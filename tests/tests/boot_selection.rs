@@ -200,13 +200,10 @@ fn bls_entries_are_listed_by_bootctl_as_expected() {
     assert!(!listed[0].contains_key("tries"), "blessed: {listed:?}");
     assert!(esp.path().join("loader/entries/tandem-b.conf").exists());
 
-    // An older version cannot be set next: systemd-boot would not pick it.
-    let err = backend.set_next(SlotName::A, 1).unwrap_err();
-    assert!(err.to_string().contains("would still boot"), "{err}");
-    assert!(
-        esp.path().join("loader/entries/tandem-a.conf").exists(),
-        "unchanged"
-    );
+    // An older version is set next by demoting the newer entry.
+    backend.set_next(SlotName::A, 1).unwrap();
+    assert!(esp.path().join("loader/entries/tandem-a+1.conf").exists());
+    assert!(esp.path().join("loader/entries/tandem-b+0.conf").exists());
 }
 
 /// An ext4 filesystem made by `mkfs.ext4 -d` from `root`, written into
@@ -326,4 +323,204 @@ fn boot_files_are_read_from_the_slot_image_and_installed_on_the_esp() {
     let a = slots[0].clone();
     let err = bootconfig::bootfiles::read_from_image(&image.path, a.offset, a.size).unwrap_err();
     assert!(err.to_string().contains("not a filesystem"), "{err}");
+}
+
+/// One boot as systemd-boot does it on the ESP: the default entry (both
+/// kinds), one try spent by renaming it. Returns the version booted.
+fn systemd_boot(esp: &std::path::Path) -> String {
+    use bootconfig::ukidir::UkiDir;
+    let (t1, t2) = (EntriesDir::new(esp), UkiDir::new(esp));
+    let mut entries = t1.read().unwrap();
+    entries.extend(t2.read().unwrap());
+    let before = entries.clone();
+    let chosen = bootconfig::bls::boot_next(&mut entries, None).expect("something boots");
+    let (old, new) = (&before[chosen], &entries[chosen]);
+    if old.file_name != new.file_name {
+        t2.set_counter(old, new.name.counter).unwrap();
+    }
+    new.version.clone().unwrap()
+}
+
+#[test]
+fn ukis_are_type_2_entries_with_boot_counting_rollback_to_older_and_crash_safe_writes() {
+    use bootconfig::ukidir::UkiDir;
+    use tandem_testkit::make_uki;
+    let dir = TempDir::new("uki-disk");
+    let image = DiskImage::flatcar(dir.path());
+    let esp = BindMount::new("uki-esp");
+    let disk = GptDisk::open(&image.path).unwrap();
+    let slots = slots_of(&disk);
+    let kernel = tandem_testkit::noise(1, 100_000);
+    // ACL's shape: the UKI's command line is the same for both slots; the
+    // slot's addon names its partitions and root hash.
+    let uki = |version: &str| {
+        make_uki(
+            dir.path(),
+            &format!("{version}.efi"),
+            &format!("ID=acl\nVERSION_ID={version}\nPRETTY_NAME=\"ACL {version}\"\n"),
+            "console=ttyS0 mount.usr=/dev/mapper/usr",
+            Some(&kernel),
+        )
+    };
+    let addon = |partuuid: &str, n: u32| {
+        make_uki(
+            dir.path(),
+            &format!("{n}.addon.efi"),
+            "",
+            &format!(
+                "systemd.verity_usr_data=PARTUUID={partuuid} usrhash={}",
+                "ab".repeat(32)
+            ),
+            None,
+        )
+    };
+    let mut backend = BlsBackend::open_ukis(esp.path(), slots.clone()).unwrap();
+    assert_eq!(backend.name(), "uki");
+    let (staged_uki, staged_addon) = backend.uki_staging(SlotName::A).unwrap();
+    std::fs::create_dir_all(staged_uki.parent().unwrap()).unwrap();
+    std::fs::copy(uki("4081.2.0"), &staged_uki).unwrap();
+    std::fs::copy(addon(&image.partuuid(3), 3), &staged_addon).unwrap();
+    backend
+        .install_uki(SlotName::A, &staged_uki, Some(&staged_addon))
+        .unwrap();
+    let linux = esp.path().join("EFI/Linux");
+    assert!(linux.join("tandem-slot-a+0.efi").is_file());
+    assert!(linux
+        .join("tandem-slot-a.efi.extra.d/tandem.addon.efi")
+        .is_file());
+    assert!(!staged_uki.exists() && !staged_addon.exists());
+    backend.mark_good(SlotName::A).unwrap();
+
+    // B gets 4081.3.0 and one try; bootctl (systemd's own parser) agrees.
+    let (staged_uki, staged_addon) = backend.uki_staging(SlotName::B).unwrap();
+    std::fs::copy(uki("4081.3.0"), &staged_uki).unwrap();
+    std::fs::copy(addon(&image.partuuid(4), 4), &staged_addon).unwrap();
+    backend
+        .install_uki(SlotName::B, &staged_uki, Some(&staged_addon))
+        .unwrap();
+    backend.set_next(SlotName::B, 1).unwrap();
+    let listed = bootctl_entries(&esp.bootctl_list());
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(
+        listed[0]["title"].contains("ACL 4081.3.0 (default)"),
+        "{listed:?}"
+    );
+    assert_eq!(listed[0]["tries"], "1 left");
+    assert_eq!(
+        listed[0]["type"],
+        "Boot Loader Specification Type #2 (.efi)"
+    );
+    // bookworm's bootctl (252) predates addons, so it shows the UKI's own
+    // options; tandem reads the addon's too, as systemd-stub 254+ does.
+    assert_eq!(listed[0]["id"], "tandem-slot-b.efi");
+    let read = bootconfig::ukidir::UkiDir::new(esp.path()).read().unwrap();
+    assert!(
+        read.iter().any(|e| e.file_name == "tandem-slot-b+1.efi"
+            && e.options.ends_with(&format!(
+                "PARTUUID={} usrhash={}",
+                image.partuuid(4),
+                "ab".repeat(32)
+            ))),
+        "{read:?}"
+    );
+    assert_eq!(backend.next_boot(), Some(SlotName::B));
+
+    // B's try is spent and it never comes up: systemd-boot falls back to A.
+    assert_eq!(systemd_boot(esp.path()), "4081.3.0");
+    assert_eq!(systemd_boot(esp.path()), "4081.2.0");
+    let backend = BlsBackend::open_ukis(esp.path(), slots.clone()).unwrap();
+    assert_eq!(backend.next_boot(), Some(SlotName::A));
+    assert!(linux.join("tandem-slot-b+0-1.efi").is_file());
+
+    // B again, committed; then a rollback to the older A: B is demoted so
+    // systemd-boot boots A first, and B still boots if A fails.
+    let mut backend = BlsBackend::open_ukis(esp.path(), slots.clone()).unwrap();
+    backend.set_next(SlotName::B, 1).unwrap();
+    assert_eq!(systemd_boot(esp.path()), "4081.3.0");
+    let mut backend = BlsBackend::open_ukis(esp.path(), slots.clone()).unwrap();
+    backend.mark_good(SlotName::B).unwrap();
+    let notes = backend.set_next(SlotName::A, 1).unwrap();
+    assert!(notes.iter().any(|n| n.contains("demoted")), "{notes:?}");
+    let listed = bootctl_entries(&esp.bootctl_list());
+    assert!(
+        listed[0]["title"].contains("ACL 4081.2.0 (default)"),
+        "{listed:?}"
+    );
+    assert_eq!(systemd_boot(esp.path()), "4081.2.0");
+    assert_eq!(systemd_boot(esp.path()), "4081.3.0", "falls back to B");
+
+    // A power cut while A's new UKI is written: its staging file is all
+    // there is. The ESP still boots B, the leftover is swept by the next
+    // install, and the half-written file is never an entry.
+    let mut backend = BlsBackend::open_ukis(esp.path(), slots.clone()).unwrap();
+    backend.mark_good(SlotName::B).unwrap();
+    backend.clear(SlotName::A).unwrap();
+    let (staged_uki, _) = backend.uki_staging(SlotName::A).unwrap();
+    std::fs::write(
+        &staged_uki,
+        &std::fs::read(uki("4081.4.0")).unwrap()[..5000],
+    )
+    .unwrap();
+    let listed = bootctl_entries(&esp.bootctl_list());
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0]["title"].contains("4081.3.0 (default)"));
+    assert!(!linux.join("tandem-slot-a.efi.extra.d").exists());
+    let removed = UkiDir::new(esp.path()).sweep(&[]).unwrap();
+    assert_eq!(removed, vec![staged_uki.clone()]);
+
+    // A UKI that names neither slot is refused and not left behind.
+    let stray = make_uki(
+        dir.path(),
+        "stray.efi",
+        "ID=acl\nVERSION_ID=9\n",
+        "quiet",
+        Some(&kernel),
+    );
+    let err = backend.install_uki(SlotName::A, &stray, None).unwrap_err();
+    assert!(err.to_string().contains("no boot entry"), "{err}");
+    assert_eq!(UkiDir::new(esp.path()).read().unwrap().len(), 1);
+}
+
+#[test]
+fn type_1_rollback_to_an_older_version_demotes_the_newer_entry() {
+    let dir = TempDir::new("bls-older");
+    let image = DiskImage::flatcar(dir.path());
+    let esp = BindMount::new("bls-older-esp");
+    let entries = EntriesDir::new(esp.path());
+    entries
+        .write(
+            "tandem-a",
+            None,
+            &slot_entry("4081.2.0", &image.partuuid(3)),
+        )
+        .unwrap();
+    entries
+        .write(
+            "tandem-b",
+            None,
+            &slot_entry("4081.3.0", &image.partuuid(4)),
+        )
+        .unwrap();
+    let disk = GptDisk::open(&image.path).unwrap();
+    let mut backend = BlsBackend::open(entries.clone(), slots_of(&disk)).unwrap();
+    assert_eq!(backend.next_boot(), Some(SlotName::B));
+    backend.set_next(SlotName::A, 1).unwrap();
+    let listed = bootctl_entries(&esp.bootctl_list());
+    assert!(
+        listed[0]["title"].contains("4081.2.0 (default)"),
+        "{listed:?}"
+    );
+    assert_eq!(listed[0]["tries"], "1 left");
+    assert_eq!(listed[1]["tries"], "0 left", "B demoted: {listed:?}");
+    // A fails its try: systemd-boot comes back to B.
+    let mut all = entries.read().unwrap();
+    let before = all.clone();
+    let first = bootconfig::bls::boot_next(&mut all, None).unwrap();
+    assert_eq!(before[first].version.as_deref(), Some("4081.2.0"));
+    entries
+        .set_counter(&before[first], all[first].name.counter)
+        .unwrap();
+    let all = entries.read().unwrap();
+    let next = bootconfig::bls::default_entry(&all, None).unwrap();
+    assert_eq!(next.version.as_deref(), Some("4081.3.0"));
 }
