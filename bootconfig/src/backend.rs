@@ -527,7 +527,8 @@ impl BootBackend for BlsBackend {
     }
 
     fn installs_boot_files(&self) -> bool {
-        true
+        // With UKIs the kernel comes with the payload, not from the slot.
+        self.ukis.is_none()
     }
 
     fn install(

@@ -154,7 +154,8 @@ pub struct Slots {
     pub disk: Option<PathBuf>,
     pub label_a: String,
     pub label_b: String,
-    /// `gptprio` (GRUB) or `bls` (systemd-boot).
+    /// `gptprio` (GRUB), `bls` (systemd-boot, type #1 entries with the
+    /// slot's own kernel) or `uki` (systemd-boot, the payload's UKIs).
     pub boot_backend: BootBackendKind,
     /// The ESP, for `bls`.
     pub esp: Option<PathBuf>,
@@ -226,6 +227,9 @@ impl Default for Slots {
 pub enum BootBackendKind {
     Gptprio,
     Bls,
+    /// systemd-boot with UKIs (type #2 entries) that come with the
+    /// payload: ACL's layout.
+    Uki,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -458,10 +462,11 @@ pub fn from_documents(docs: &[(PathBuf, String)]) -> Result<Config, ConfigError>
             bootconfig::cmdline::ROOT_ARGS.join(", ")
         )));
     }
-    if config.slots.boot_backend == BootBackendKind::Bls && config.slots.esp.is_none() {
-        return Err(ConfigError::Invalid(
-            "slots.boot_backend = \"bls\" needs slots.esp".into(),
-        ));
+    if config.slots.boot_backend != BootBackendKind::Gptprio && config.slots.esp.is_none() {
+        return Err(ConfigError::Invalid(format!(
+            "slots.boot_backend = {:?} needs slots.esp",
+            config.slots.boot_backend
+        )));
     }
     if (config.slots.hash == HashKind::InSlot) != config.slots.hash_offset.is_some() {
         return Err(ConfigError::Invalid(

@@ -617,12 +617,51 @@ impl Engine {
             disk: self.config.slots.disk.clone(),
             esp: match self.config.slots.boot_backend {
                 BootBackendKind::Gptprio => None,
-                BootBackendKind::Bls => self.config.slots.esp.clone(),
+                BootBackendKind::Bls | BootBackendKind::Uki => self.config.slots.esp.clone(),
             },
+            ukis: self.config.slots.boot_backend == BootBackendKind::Uki,
             layout,
             cmdline: self.config.system.cmdline.clone(),
             booted: None,
         }
+    }
+
+    /// For the UKI backend: where the payload's `uki` and `addon` go (the
+    /// slot's staging files on the ESP, created empty when missing and
+    /// kept when a resumed apply already wrote to them) and, for a delta,
+    /// the other slot's installed files.
+    fn uki_paths(&self, slot: SlotName) -> Result<Vec<ComponentPaths>, EngineError> {
+        let o = slotctl::open(&self.target(), false)
+            .map_err(|e| EngineError::Slots(format!("{e:#}")))?;
+        let Some((uki, addon)) = o.backend.uki_staging(slot) else {
+            return Ok(Vec::new());
+        };
+        let installed = o.backend.uki_files(slot.other());
+        let mut paths = Vec::new();
+        let sources = [
+            installed.as_ref().map(|(u, _)| u.clone()),
+            installed.and_then(|(_, a)| a),
+        ];
+        for ((name, path), source) in [("uki", uki), ("addon", addon)].into_iter().zip(sources) {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| EngineError::System(format!("creating {}: {e}", dir.display())))?;
+            }
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| EngineError::System(format!("creating {}: {e}", path.display())))?;
+            paths.push(ComponentPaths {
+                component: name.into(),
+                target: path,
+                target_range: None,
+                source,
+                source_range: None,
+            });
+        }
+        Ok(paths)
     }
 
     fn booted_version(&self) -> Result<String, EngineError> {
@@ -1234,11 +1273,12 @@ impl Engine {
             inner: reader,
             hasher: source.sha256.map(|_| Sha256Stream::default()),
         };
-        let paths = verity::component_paths(
+        let mut paths = verity::component_paths(
             &layout.disk,
             &layout.slots[job.slot.index()],
             &layout.slots[job.slot.other().index()],
         );
+        paths.extend(self.uki_paths(job.slot)?);
         let written_version: Arc<Mutex<Option<Written>>> = Arc::default();
         let cleared = Arc::new(AtomicBool::new(false));
         let vet: payload::apply::Vet = {
@@ -1250,11 +1290,13 @@ impl Engine {
             let target = self.target();
             Arc::new(move |m: &payload::Manifest, sha: &Sha256Hex| {
                 vet_manifest(&job, &source, &booted_version, m, sha)?;
-                let image = match m.components.as_slice() {
-                    [only] => Some(only.target.clone()),
-                    _ => None,
-                };
-                *lock(&written_version) = Some((m.target_version.clone(), image));
+                let image = m
+                    .components
+                    .iter()
+                    .find(|c| c.name == "usr")
+                    .map(|c| c.target.clone());
+                let names = m.components.iter().map(|c| c.name.clone()).collect();
+                *lock(&written_version) = Some((m.target_version.clone(), image, names));
                 // Only now, with every check passed, does the boot state
                 // change: a half-written slot must never boot.
                 let notes = slotctl::open(&target, true)
@@ -1301,7 +1343,7 @@ impl Engine {
         &self,
         job: &Job,
         source: &PayloadSource,
-        (version, image): Written,
+        (version, image, components): Written,
         downloaded: u64,
         resumed: u64,
     ) -> Result<UpdateOutcome, EngineError> {
@@ -1327,14 +1369,58 @@ impl Engine {
             } else {
                 None
             };
-            let usrhash = files
-                .as_ref()
-                .and_then(|f| bootconfig::uki::usrhash(&f.cmdline));
+            // The UKI backend boots the payload's UKI and addon, written and
+            // verified in the slot's staging files.
+            let ukis = match o.backend.uki_staging(job.slot) {
+                Some((uki, addon)) => {
+                    if !components.iter().any(|c| c == "uki") {
+                        return Err(EngineError::Refused(format!(
+                            "the payload for {version} has no UKI, and slot {} boots one (slots.boot_backend = \"uki\"); it is not set to boot",
+                            job.slot
+                        )));
+                    }
+                    let addon = components.iter().any(|c| c == "addon").then_some(addon);
+                    Some((uki, addon))
+                }
+                None => None,
+            };
+            let usrhash = match &ukis {
+                Some((uki, addon)) => {
+                    let read = |p: &std::path::Path| {
+                        bootconfig::uki::read_uki(p).map_err(|e| {
+                            EngineError::Refused(format!("slot {}'s UKI: {e}", job.slot))
+                        })
+                    };
+                    let addons = addon
+                        .as_deref()
+                        .map(read)
+                        .transpose()?
+                        .into_iter()
+                        .collect::<Vec<_>>();
+                    bootconfig::uki::usrhash(&bootconfig::uki::combined_cmdline(
+                        &read(uki)?,
+                        &addons,
+                    ))
+                }
+                None => files
+                    .as_ref()
+                    .and_then(|f| bootconfig::uki::usrhash(&f.cmdline)),
+            };
             if let Some(root) = verity::check_slot(&o.disk_path, &slot, usrhash.as_deref())? {
                 tracing::info!(
                     "slot {}: dm-verity tree matches its data, root hash {root} as its boot entry names",
                     job.slot
                 );
+            }
+            if let Some((uki, addon)) = &ukis {
+                let notes = o
+                    .backend
+                    .install_uki(job.slot, uki, addon.as_deref())
+                    .map_err(|e| {
+                        EngineError::Slots(format!("installing slot {}'s UKI: {e}", job.slot))
+                    })?;
+                notes.iter().for_each(|n| tracing::info!("{n}"));
+                tracing::info!("installed slot {}'s UKI and its entry", job.slot);
             }
             if let Some(files) = files {
                 let notes = o
@@ -1559,7 +1645,8 @@ fn vet_manifest(
 
 /// What an apply wrote: the version and, for a one-component payload, the
 /// image (size and digest) that finalize reads back.
-type Written = (String, Option<ImageRef>);
+/// What a payload wrote: its version, its `usr` image, its components.
+type Written = (String, Option<ImageRef>, Vec<String>);
 
 fn summarize_outcome(o: &UpdateOutcome) -> String {
     match o {

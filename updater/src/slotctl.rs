@@ -24,6 +24,8 @@ pub struct Target {
     /// An ESP to use the BLS backend with; `None` means gptprio.
     pub esp: Option<PathBuf>,
     pub layout: SlotLayout,
+    /// With an ESP: the slots boot UKIs (type #2 entries) tandem installs.
+    pub ukis: bool,
     /// Where the kernel command line is read from (`/proc/cmdline`).
     pub cmdline: PathBuf,
     /// The booted slot as the caller knows it; overrides the command line.
@@ -153,6 +155,7 @@ pub fn open(target: &Target, for_update: bool) -> Result<Opened> {
     let backup = disk.backup_health().clone();
     let backend: Box<dyn BootBackend> = match &target.esp {
         None => Box::new(GptPrioBackend::new(disk, found.clone())),
+        Some(esp) if target.ukis => Box::new(BlsBackend::open_ukis(esp, found.clone())?),
         Some(esp) => Box::new(BlsBackend::open(EntriesDir::new(esp), found.clone())?),
     };
     Ok(Opened {

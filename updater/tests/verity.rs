@@ -85,3 +85,253 @@ fn slots_show_their_hash_partitions_and_an_unverifiable_slot_is_not_set_to_boot(
     assert_eq!(s["next_boot"], "A", "{s}");
     assert!(node.reboots().is_empty());
 }
+
+/// The ACL node: hash partitions, the UKI backend on an ESP folder, and
+/// slot A as shipped (v1 in USR-A, its tree in HASH-A, its UKI and addon
+/// installed and good). Returns the v1 and v2 parts as files.
+struct AclParts {
+    dir: tandem_testkit::TempDir,
+    usr: [PathBuf; 2],
+    hash: [PathBuf; 2],
+    uki: [PathBuf; 2],
+    addon: [PathBuf; 2],
+    root: [String; 2],
+}
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use bootconfig::ukidir::UkiDir;
+use payload::make::ComponentInput;
+
+fn acl_parts(rel: &common::Releases, node: &Node) -> AclParts {
+    let dir = tandem_testkit::TempDir::new("acl-parts");
+    let d = dir.path();
+    let usr = [d.join("v1.img"), d.join("v2.img")];
+    fs::write(&usr[0], &rel.v1).unwrap();
+    fs::write(&usr[1], &rel.v2).unwrap();
+    let hash = [d.join("v1.hash"), d.join("v2.hash")];
+    let root = [
+        tandem_testkit::veritysetup_format(&usr[0], &hash[0]),
+        tandem_testkit::veritysetup_format(&usr[1], &hash[1]),
+    ];
+    let kernel = tandem_testkit::noise(11, 300_000);
+    let versions = ["1.0.0", "2.0.0"];
+    let uki = [0, 1].map(|i| {
+        tandem_testkit::make_uki(
+            d,
+            &format!("v{i}.efi"),
+            &format!("ID=acl\nVERSION_ID={}\n", versions[i]),
+            "console=ttyS0 mount.usr=/dev/mapper/usr",
+            Some(&kernel),
+        )
+    });
+    let addon = [0, 1].map(|i| {
+        tandem_testkit::make_uki(
+            d,
+            &format!("v{i}.addon.efi"),
+            "",
+            &format!(
+                "systemd.verity_usr_data=PARTUUID={} usrhash={}",
+                node.disk.partuuid(3 + i as u32),
+                root[i]
+            ),
+            None,
+        )
+    });
+    AclParts {
+        dir,
+        usr,
+        hash,
+        uki,
+        addon,
+        root,
+    }
+}
+
+fn make(rel: &common::Releases, inputs: &[ComponentInput], source: Option<&str>, name: &str) {
+    payload::make::make_components(
+        inputs,
+        "2.0.0",
+        source,
+        &rel.key,
+        &payload::MakeOptions::default(),
+        &rel.www.join(name),
+        &|_| {},
+    )
+    .unwrap();
+}
+
+fn part(name: &str, target: &std::path::Path, source: Option<&PathBuf>) -> ComponentInput {
+    ComponentInput {
+        name: name.into(),
+        target: target.to_path_buf(),
+        source: source.cloned(),
+        file: name == "uki" || name == "addon",
+    }
+}
+
+/// Sets the node up as ACL ships it and publishes 2.0.0 as full and
+/// delta payloads of all four components.
+fn acl_node(rel: &common::Releases, server: &HttpServer) -> (Node, AclParts) {
+    let node = Node::new(server, rel);
+    add_hash_partitions(&node);
+    let parts = acl_parts(rel, &node);
+    // HASH-A holds v1's tree.
+    let start = node.partition_offset(5);
+    let disk = fs::OpenOptions::new()
+        .write(true)
+        .open(&node.disk.path)
+        .unwrap();
+    disk.write_all_at(&fs::read(&parts.hash[0]).unwrap(), start)
+        .unwrap();
+    // The ESP with slot A's UKI and addon, good.
+    let esp = node.dir.path().join("esp");
+    let ukis = UkiDir::new(&esp);
+    fs::create_dir_all(ukis.dir()).unwrap();
+    let (u, a) = ukis.staging_paths("tandem-slot-a");
+    fs::copy(&parts.uki[0], &u).unwrap();
+    fs::copy(&parts.addon[0], &a).unwrap();
+    ukis.install("tandem-slot-a", &u, Some(&a), None).unwrap();
+    node.configure(
+        "60-acl",
+        &format!(
+            "[slots]\nboot_backend = \"uki\"\nesp = \"{}\"\n",
+            esp.display()
+        ),
+    );
+    let full: Vec<ComponentInput> = vec![
+        part("usr", &parts.usr[1], None),
+        part("verity", &parts.hash[1], None),
+        part("uki", &parts.uki[1], None),
+        part("addon", &parts.addon[1], None),
+    ];
+    make(rel, &full, None, "full-2.0.0.tpl");
+    let delta: Vec<ComponentInput> = vec![
+        part("usr", &parts.usr[1], Some(&parts.usr[0])),
+        part("verity", &parts.hash[1], Some(&parts.hash[0])),
+        part("uki", &parts.uki[1], Some(&parts.uki[0])),
+        part("addon", &parts.addon[1], Some(&parts.addon[0])),
+    ];
+    make(rel, &delta, Some("1.0.0"), "delta-1.0.0-2.0.0.tpl");
+    (node, parts)
+}
+
+fn hash_partition(node: &Node, number: u32, len: usize) -> Vec<u8> {
+    node.slot_bytes(number, len)
+}
+
+#[test]
+fn an_acl_slot_is_updated_whole_by_a_delta_and_boots_its_uki_next() {
+    let rel = releases();
+    let server = HttpServer::serve(&rel.www);
+    let (mut node, parts) = acl_node(&rel, &server);
+    rel.publish(1, vec![rel.release("2.0.0", true)], in_days(7), None);
+    node.start();
+    node.wait_health();
+    let out = node.ctl_ok(&["apply"]);
+    assert!(out.contains("2.0.0"), "{out}");
+
+    // Every part of slot B, byte for byte; slot A untouched.
+    assert_eq!(node.slot_bytes(4, rel.v2.len()), rel.v2);
+    let tree = fs::read(&parts.hash[1]).unwrap();
+    assert_eq!(hash_partition(&node, 6, tree.len()), tree);
+    let old_tree = fs::read(&parts.hash[0]).unwrap();
+    assert_eq!(hash_partition(&node, 5, old_tree.len()), old_tree);
+    let linux = node.dir.path().join("esp/EFI/Linux");
+    assert_eq!(
+        fs::read(linux.join("tandem-slot-b+1.efi")).unwrap(),
+        fs::read(&parts.uki[1]).unwrap(),
+        "slot B's UKI, set to boot with one try"
+    );
+    assert_eq!(
+        fs::read(linux.join("tandem-slot-b.efi.extra.d/tandem.addon.efi")).unwrap(),
+        fs::read(&parts.addon[1]).unwrap()
+    );
+    assert!(linux.join("tandem-slot-a.efi").is_file(), "A stays good");
+    let s = node.status();
+    assert_eq!(s["next_boot"], "B", "{s}");
+    assert_eq!(s["staged"]["version"], "2.0.0");
+    // The delta was used, and it is small.
+    let delta = common::payload_bytes_served(&server, "delta-1.0.0-2.0.0.tpl");
+    assert!(delta > 0);
+    assert_eq!(common::payload_bytes_served(&server, "full-2.0.0.tpl"), 0);
+    assert!(node
+        .log_text()
+        .contains(&format!("root hash {}", parts.root[1])));
+    let _ = parts.dir.path();
+}
+
+#[test]
+fn a_hash_tree_corrupted_after_staging_is_refused_at_finalize() {
+    let rel = releases();
+    let server = HttpServer::serve(&rel.www);
+    let (mut node, parts) = acl_node(&rel, &server);
+    rel.publish(1, vec![rel.release("2.0.0", false)], in_days(7), None);
+    node.start();
+    node.wait_health();
+    node.ctl_ok(&["stage"]);
+    let linux = node.dir.path().join("esp/EFI/Linux");
+    assert!(
+        linux.join("tandem-slot-b+0.efi").is_file(),
+        "staged, not set to boot"
+    );
+
+    // Between the two steps, a byte of HASH-B's level 0 flips on disk (the
+    // superblock, then the top level's one block, then level 0).
+    let at = node.partition_offset(6) + 2 * 4096 + 77;
+    let disk = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&node.disk.path)
+        .unwrap();
+    let mut byte = [0u8];
+    disk.read_exact_at(&mut byte, at).unwrap();
+    disk.write_all_at(&[byte[0] ^ 0x10], at).unwrap();
+    let err = node.ctl_err(&["finalize", "--no-reboot"]);
+    assert!(err.contains("dm-verity check failed"), "{err}");
+    assert!(
+        err.contains("hash tree level 0 block 0 does not match"),
+        "{err}"
+    );
+    assert!(
+        linux.join("tandem-slot-b+0.efi").is_file(),
+        "B was set to boot"
+    );
+    let s = node.status();
+    assert_eq!(s["next_boot"], "A", "{s}");
+    assert!(s["staged"].is_null(), "the refused stage is forgotten: {s}");
+    drop(parts);
+}
+
+#[test]
+fn a_signed_payload_whose_tree_does_not_match_its_uki_is_refused_by_the_node() {
+    // tandem-release refuses to sign this; a payload made some other way
+    // must still never boot.
+    let rel = releases();
+    let server = HttpServer::serve(&rel.www);
+    let (mut node, parts) = acl_node(&rel, &server);
+    // The new image with the OLD tree and the new UKI and addon.
+    let wrong: Vec<ComponentInput> = vec![
+        part("usr", &parts.usr[1], None),
+        part("verity", &parts.hash[0], None),
+        part("uki", &parts.uki[1], None),
+        part("addon", &parts.addon[1], None),
+    ];
+    make(&rel, &wrong, None, "full-2.0.0.tpl");
+    rel.publish(1, vec![rel.release("2.0.0", false)], in_days(7), None);
+    node.start();
+    node.wait_health();
+    let err = node.ctl_err(&["apply"]);
+    assert!(err.contains("dm-verity check failed"), "{err}");
+    let linux = node.dir.path().join("esp/EFI/Linux");
+    assert!(
+        !fs::read_dir(&linux).unwrap().flatten().any(|e| e
+            .file_name()
+            .to_string_lossy()
+            .starts_with("tandem-slot-b+1")),
+        "B was set to boot"
+    );
+    assert_eq!(node.status()["next_boot"], "A");
+}

@@ -122,6 +122,10 @@ struct SlotsArgs {
     /// instead of GPT gptprio attributes.
     #[arg(long, global = true, value_name = "DIR")]
     esp: Option<PathBuf>,
+    /// With --esp: the slots boot UKIs in the ESP's EFI/Linux (type #2
+    /// entries, ACL's layout) instead of type #1 entries.
+    #[arg(long, global = true, requires = "esp")]
+    ukis: bool,
     /// Print a machine-readable JSON document.
     #[arg(long, global = true)]
     json: bool,
@@ -174,6 +178,7 @@ fn slots(args: SlotsArgs) -> Result<()> {
     let target = Target {
         disk: args.disk,
         esp: args.esp,
+        ukis: args.ukis,
         layout,
         cmdline: args.cmdline,
         booted: args.booted,

@@ -481,12 +481,24 @@ impl Engine {
         }
         // The hash tree could have changed since staging too: the gate
         // runs again, against the root hash the boot entry names.
-        let usrhash = if self.open_slots(false)?.backend.installs_boot_files() {
-            bootconfig::bootfiles::read_from_image(&disk, slot.offset, slot.image_size())
-                .ok()
-                .and_then(|f| bootconfig::uki::usrhash(&f.cmdline))
-        } else {
-            None
+        let usrhash = {
+            let o = self.open_slots(false)?;
+            if let Some((uki, addon)) = o.backend.uki_files(staged.slot) {
+                use bootconfig::uki;
+                let addons: Vec<uki::UkiInfo> = addon
+                    .and_then(|a| uki::read_uki(&a).ok())
+                    .into_iter()
+                    .collect();
+                uki::read_uki(&uki)
+                    .ok()
+                    .and_then(|u| uki::usrhash(&uki::combined_cmdline(&u, &addons)))
+            } else if o.backend.installs_boot_files() {
+                bootconfig::bootfiles::read_from_image(&disk, slot.offset, slot.image_size())
+                    .ok()
+                    .and_then(|f| bootconfig::uki::usrhash(&f.cmdline))
+            } else {
+                None
+            }
         };
         if let Err(e) = super::verity::check_slot(&disk, &slot, usrhash.as_deref()) {
             self.update(|p| p.staged = None)?;

@@ -494,11 +494,21 @@ impl Node {
         };
         let slot = if booted.number == 3 { "A" } else { "B" };
         let version = versions[usize::from(slot == "B")];
+        self.boot_as(booted.number, version);
+        slot.to_owned()
+    }
+
+    /// The node comes up (tandemd started again, with a new boot id) from
+    /// partition `number` running `version`: the reboot's second half, for
+    /// tests that pick the partition by another bootloader's rule. tandemd
+    /// must be stopped.
+    pub fn boot_as(&mut self, number: u32, version: &str) {
+        let booted_number = number;
         fs::write(
             self.dir.path().join("cmdline"),
             format!(
                 "console=ttyS0 mount.usr=PARTUUID={} ro\n",
-                self.disk.partuuid(booted.number)
+                self.disk.partuuid(booted_number)
             ),
         )
         .unwrap();
@@ -515,7 +525,6 @@ impl Node {
         .unwrap();
         let _ = fs::remove_file(self.dir.path().join("reboot-required"));
         self.start();
-        slot.to_owned()
     }
 
     /// The history's events (kind, version, message, output).
