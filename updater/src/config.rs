@@ -531,6 +531,12 @@ mod tests {
         assert!(err.to_string().contains("needs slots.esp"), "{err}");
         let err = from_documents(&[doc("d.toml", "[slots]\nhash = \"in-slot\"\n")]).unwrap_err();
         assert!(err.to_string().contains("needs slots.hash_offset"), "{err}");
+        // The shipped example parses, key for key.
+        let example = include_str!("../../systemd-units/50-example.toml");
+        from_documents(&[doc("50-example.toml", example)]).unwrap();
+        let err =
+            from_documents(&[doc("d.toml", "[slots]\nboot_backend = \"uki\"\n")]).unwrap_err();
+        assert!(err.to_string().contains("needs slots.esp"), "{err}");
         let flatcar = from_documents(&[doc(
             "d.toml",
             "[slots]\nhash = \"in-slot\"\nhash_offset = 1048576\n",
@@ -542,7 +548,8 @@ mod tests {
         );
         let err = from_documents(&[doc("e.toml", "[slots]\nroot_arg = \"init\"\n")]).unwrap_err();
         assert!(
-            err.to_string().contains("mount.usr, verity.usr, usr, root"),
+            err.to_string()
+                .contains("mount.usr, verity.usr, systemd.verity_usr_data, usr, root"),
             "{err}"
         );
         let ok = from_documents(&[doc("f.toml", "[slots]\nroot_arg = \"root\"\n")]).unwrap();
