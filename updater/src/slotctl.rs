@@ -78,7 +78,7 @@ pub fn booted_disk(cmdline_path: &Path) -> Result<PathBuf> {
     let line = read_cmdline(cmdline_path)?;
     let partuuid = cmdline::booted_partuuid(&line).ok_or_else(|| {
         anyhow!(
-            "cannot tell the booted slot from {} (no mount.usr=, verity.usr=, usr= or root= naming a PARTUUID); pass --disk",
+            "cannot tell the booted slot from {} (no mount.usr=, verity.usr=, systemd.verity_usr_data=, usr= or root= naming a PARTUUID); pass --disk",
             cmdline_path.display()
         )
     })?;
