@@ -80,6 +80,8 @@ pub struct Built {
     pub release_disk: PathBuf,
     /// The slot images, by version.
     pub images: Vec<(String, PathBuf)>,
+    /// The ACL-layout disk and its release (dm-verity, UKIs).
+    pub acl: crate::acl::AclBuilt,
 }
 
 fn by_version(list: &[(String, PathBuf)], version: &str, what: &str) -> Result<PathBuf> {
@@ -191,9 +193,15 @@ pub fn build(cache: &Path, bins: &Binaries, say: &dyn Fn(&str)) -> Result<Built>
         .map(|n| units_dir().join(n)),
     );
     image_files.push(repo_root().join("qemu-tests/src/build.rs"));
+    image_files.push(repo_root().join("qemu-tests/src/acl.rs"));
     hash_files(&mut inputs, &image_files)?;
     let set = cache.join(format!("set-{}", short_hash(&inputs)));
-    let built = Built {
+    let mut built = Built {
+        acl: crate::acl::AclBuilt {
+            disk: set.join("acl-disk-1.0.0.img"),
+            release_disk: set.join("release-acl.img"),
+            root_hashes: Default::default(),
+        },
         disks: ["1.0.0", "2.0.0"]
             .iter()
             .map(|v| (v.to_string(), set.join(format!("disk-{v}.img"))))
@@ -204,8 +212,15 @@ pub fn build(cache: &Path, bins: &Binaries, say: &dyn Fn(&str)) -> Result<Built>
             .map(|v| (v.to_string(), set.join(format!("root-{v}.img"))))
             .collect(),
     };
-    if set.join("done").exists() {
+    let acl_done = set.join("acl-done");
+    if set.join("done").exists() && acl_done.exists() {
         say(&format!("test images: cached in {}", set.display()));
+        let roots = fs::read_to_string(&acl_done)?;
+        let mut roots = roots.lines().map(str::to_string);
+        built.acl.root_hashes = [
+            roots.next().unwrap_or_default(),
+            roots.next().unwrap_or_default(),
+        ];
         return Ok(built);
     }
     // Old sets are stale: their inputs changed. Keep the cache small.
@@ -229,7 +244,7 @@ pub fn build(cache: &Path, bins: &Binaries, say: &dyn Fn(&str)) -> Result<Built>
     ]))?;
     for (version, image) in &built.images {
         say(&format!("slot image {version}"));
-        slot_image(&base, &set, version, bins, &keyring, image)?;
+        slot_image(&base, &set, version, bins, &keyring, image, "vm.toml")?;
     }
     say("payloads and the signed index");
     release_disk(&set, &built, bins, &key)?;
@@ -237,8 +252,11 @@ pub fn build(cache: &Path, bins: &Binaries, say: &dyn Fn(&str)) -> Result<Built>
         say(&format!("the A/B disk ({version} in slot A)"));
         ab_disk(&set, &built.image(version)?, version, disk)?;
     }
+    say("the ACL-layout disk: hash partitions, UKIs, dm-verity");
+    let acl = crate::acl::build(&base, &set, bins, &key, &keyring)?;
+    fs::write(&acl_done, acl.root_hashes.join("\n"))?;
     fs::write(set.join("done"), inputs)?;
-    Ok(built)
+    Ok(Built { acl, ..built })
 }
 
 fn path_str(path: &Path) -> Result<String> {
@@ -268,7 +286,7 @@ fn base_root(cache: &Path, say: &dyn Fn(&str)) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<()> {
+pub(crate) fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = to.parent() {
         fs::create_dir_all(parent)?;
@@ -279,7 +297,7 @@ fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
-fn write_file(to: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_file(to: &Path, text: &str) -> Result<()> {
     if let Some(parent) = to.parent() {
         fs::create_dir_all(parent)?;
     }
@@ -288,13 +306,14 @@ fn write_file(to: &Path, text: &str) -> Result<()> {
 
 /// One version's slot image: the base root with tandem, its units and
 /// config, the test units, the version stamp and the version's quirk.
-fn slot_image(
+pub(crate) fn slot_image(
     base: &Path,
     set: &Path,
     version: &str,
     bins: &Binaries,
     keyring: &Path,
     image: &Path,
+    config: &str,
 ) -> Result<()> {
     let root = set.join(format!("root-{version}"));
     if root.exists() {
@@ -325,7 +344,7 @@ fn slot_image(
         0o644,
     )?;
     copy_file(
-        &files.join("vm.toml"),
+        &files.join(config),
         &root.join("usr/lib/tandem/config.d/50-vm.toml"),
         0o644,
     )?;
@@ -477,7 +496,7 @@ fn release_disk(set: &Path, built: &Built, bins: &Binaries, key: &Path) -> Resul
     Ok(())
 }
 
-fn mib(n: u64) -> u64 {
+pub(crate) fn mib(n: u64) -> u64 {
     n << 20
 }
 

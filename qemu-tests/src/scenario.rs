@@ -218,6 +218,196 @@ pub fn power_cut(
     })
 }
 
+fn acl_vm(name: &str, built: &Built, options: VmOptions) -> Result<Vm> {
+    Vm::on_disk(
+        &run_dir(name),
+        &built.acl.disk,
+        &built.acl.release_disk,
+        options,
+    )
+}
+
+/// Flips one byte of the VM's disk (powered off) at `offset` into the
+/// partition labelled `label`: the host side of the corruption scenarios.
+fn corrupt(vm: &Vm, label: &str, offset: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (start, size) = crate::acl::partition(vm.disk_path(), label)?;
+    if offset >= size {
+        bail!("offset {offset} is outside {label}");
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(vm.disk_path())?;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, start + offset)?;
+    file.write_all_at(&[byte[0] ^ 0x5a], start + offset)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Syncs the guest's disk, then cuts the power.
+fn sync_and_cut(vm: &mut Vm) -> Result<()> {
+    vm.run_ok("sync")?;
+    vm.power_cut()
+}
+
+/// *ACL update*: 1.0.0 on USR-A through dm-verity, `updatectl apply
+/// 2.0.0` (a delta of usr, verity tree and UKI), the reboot into USR-B.
+pub fn acl_update(built: &Built, options: VmOptions, say: &dyn Fn(&str)) -> Result<Run> {
+    let mut vm = acl_vm("acl-update", built, options)?;
+    say("Booting the ACL-layout node (1.0.0 in USR-A, /usr through dm-verity) ...");
+    vm.start()?;
+    let before = vm.wait_report(1, "the first boot", |_| true)?;
+    vm.send("updatectl apply 2.0.0")?;
+    let after = vm.wait_report(2, "a boot after the update", |r| {
+        r.boot_id != before.boot_id
+    })?;
+    let boots = crate::vm::parse_boot_lines(&vm.console());
+    Ok(Run {
+        before,
+        after,
+        boots,
+        dir: vm.dir.clone(),
+    })
+}
+
+/// What a refused finalize left: the run, and `updatectl finalize`'s exit
+/// code and output.
+#[derive(Debug)]
+pub struct RefusedRun {
+    pub run: Run,
+    pub finalize: (i32, String),
+}
+
+/// *ACL tree corrupted*: stage 2.0.0, power off, the host flips a byte of
+/// HASH-B's tree, power on: `updatectl finalize` is refused and the node
+/// keeps booting A.
+pub fn acl_tree_corrupted(built: &Built, say: &dyn Fn(&str)) -> Result<RefusedRun> {
+    let mut vm = acl_vm("acl-tree-corrupted", built, VmOptions::default())?;
+    vm.start()?;
+    let before = vm.wait_report(1, "the first boot", |_| true)?;
+    let (rc, out) = vm.run("updatectl stage 2.0.0", Duration::from_secs(300))?;
+    if rc != 0 {
+        bail!("updatectl stage failed ({rc}): {out}");
+    }
+    sync_and_cut(&mut vm)?;
+    // Past the superblock and the two upper levels (1 + 4 blocks for
+    // 256 MiB): a level-0 hash block.
+    say("Staged; the host flips a byte of HASH-B's tree");
+    corrupt(&vm, "HASH-B", 10 * 4096 + 100)?;
+    vm.start()?;
+    let second = vm.wait_report(2, "the boot after the corruption", |r| {
+        r.boot_id != before.boot_id
+    })?;
+    let finalize = vm.run("updatectl finalize", Duration::from_secs(300))?;
+    vm.send("reboot")?;
+    let after = vm.wait_report(3, "a boot after the refused finalize", |r| {
+        r.boot_id != second.boot_id
+    })?;
+    let boots = crate::vm::parse_boot_lines(&vm.console());
+    Ok(RefusedRun {
+        run: Run {
+            before,
+            after,
+            boots,
+            dir: vm.dir.clone(),
+        },
+        finalize,
+    })
+}
+
+/// *ACL USR corrupted*: stage and finalize 2.0.0 (set to boot, one try),
+/// power off, the host flips a byte of USR-B's first block; verity fails
+/// that boot, its try is spent, systemd-boot falls back to A.
+#[derive(Debug)]
+pub struct CorruptedBootRun {
+    pub run: Run,
+    /// The console of the failed boot.
+    pub between: String,
+}
+
+pub fn acl_usr_corrupted(built: &Built, say: &dyn Fn(&str)) -> Result<CorruptedBootRun> {
+    let mut vm = acl_vm("acl-usr-corrupted", built, VmOptions::default())?;
+    vm.start()?;
+    let before = vm.wait_report(1, "the first boot", |_| true)?;
+    let (rc, out) = vm.run(
+        "updatectl stage 2.0.0 && updatectl finalize --no-reboot",
+        Duration::from_secs(300),
+    )?;
+    if rc != 0 {
+        bail!("stage and finalize failed ({rc}): {out}");
+    }
+    sync_and_cut(&mut vm)?;
+    say("Set to boot; the host flips a byte of USR-B's ext4 superblock");
+    corrupt(&vm, "USR-B", 1024 + 56)?;
+    vm.start()?;
+    let after = vm.wait_report(2, "a boot of 1.0.0 after 2.0.0's failed try", |r| {
+        r.boot_id != before.boot_id
+    })?;
+    let console = vm.console();
+    Ok(CorruptedBootRun {
+        between: console_after(&console, &before.boot_id),
+        run: Run {
+            before,
+            after,
+            boots: crate::vm::parse_boot_lines(&console),
+            dir: vm.dir.clone(),
+        },
+    })
+}
+
+/// *ACL power cut*: apply 2.0.0 on a throttled disk and cut the power
+/// while the UKI (the last component) is written; the ESP still boots A,
+/// and the resumed update then boots B.
+pub fn acl_power_cut(built: &Built, write_limit: u64, say: &dyn Fn(&str)) -> Result<PowerCutRun> {
+    let options = VmOptions {
+        write_limit: Some(write_limit),
+        ..VmOptions::default()
+    };
+    let mut vm = acl_vm("acl-power-cut", built, options)?;
+    vm.start()?;
+    let before = vm.wait_report(1, "the first boot", |_| true)?;
+    // The full payload: its UKI is written, not patched from A's.
+    vm.send("updatectl apply --payload /srv/release/full-2.0.0.tpl >/dev/null 2>&1 &")?;
+    let deadline = Instant::now() + vm.accel.boot_timeout() * 3;
+    let progress_at_cut = loop {
+        let status = vm.status()?;
+        let progress = &status["progress"];
+        let (_, list) = vm.run("ls -a /efi/EFI/Linux", Duration::from_secs(30))?;
+        let writing_uki = list.contains(".tandem-slot-b.efi.new")
+            && progress["fraction"].as_f64().unwrap_or(0.0) >= 0.95;
+        if writing_uki {
+            break status.clone();
+        }
+        if status["staged"].is_object() {
+            bail!("the update finished before the power cut; lower the write limit");
+        }
+        if Instant::now() > deadline {
+            bail!("never saw the UKI being written: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    say(&format!(
+        "Power cut while the UKI is written: {}",
+        progress_at_cut["progress"]
+    ));
+    vm.power_cut()?;
+    vm.options.write_limit = None;
+    vm.start()?;
+    let after = vm.wait_report(3, "a boot of 2.0.0 after the power cut", |r| {
+        r.version == "2.0.0"
+    })?;
+    let boots = crate::vm::parse_boot_lines(&vm.console());
+    Ok(PowerCutRun {
+        before,
+        progress_at_cut,
+        after,
+        boots,
+        dir: vm.dir.clone(),
+    })
+}
+
 /// The built images for the tests: binaries from this workspace's
 /// `target/debug` (or `TANDEM_BIN_DIR`), the default cache.
 pub fn built_for_tests() -> Result<Built> {

@@ -78,8 +78,12 @@ pub struct Report {
     pub status: Value,
     /// `updatectl history --json`.
     pub history: Value,
-    /// The file names in the ESP's `loader/entries`.
+    /// The file names in the ESP's `loader/entries` and `EFI/Linux`.
     pub entries: Vec<String>,
+    /// `/proc/cmdline`.
+    pub cmdline: String,
+    /// `dmsetup table usr`: the verity device of the ACL-layout images.
+    pub verity: String,
 }
 
 impl Report {
@@ -113,8 +117,9 @@ impl Report {
         self.entries
             .iter()
             .find(|e| {
-                e.strip_prefix(&stem)
-                    .is_some_and(|r| r.starts_with(['.', '+']))
+                !e.ends_with(".extra.d")
+                    && e.strip_prefix(&stem)
+                        .is_some_and(|r| r.starts_with(['.', '+']))
             })
             .cloned()
     }
@@ -172,6 +177,14 @@ pub fn parse_reports(console: &str) -> Vec<Report> {
                 )
             })
             .unwrap_or_default();
+        let line_after = |tag: &str| {
+            lines[i + 1..]
+                .iter()
+                .take_while(|l| !l.contains("TANDEM-REPORT-END"))
+                .find_map(|l| Some(l[l.find(tag)? + tag.len()..].trim().to_string()))
+                .unwrap_or_default()
+        };
+        let (cmdline, verity) = (line_after("TANDEM-CMDLINE "), line_after("TANDEM-VERITY "));
         let (Some(status), Some(history)) =
             (json_after("TANDEM-STATUS "), json_after("TANDEM-HISTORY "))
         else {
@@ -189,6 +202,8 @@ pub fn parse_reports(console: &str) -> Vec<Report> {
             status,
             history,
             entries,
+            cmdline,
+            verity,
         });
     }
     reports
@@ -241,13 +256,18 @@ impl Vm {
     /// A VM in `dir` (created; emptied of an earlier run's files) booting
     /// a fresh copy of the built disk with `version` in slot A. Not started.
     pub fn new(dir: &Path, built: &Built, version: &str, options: VmOptions) -> Result<Vm> {
-        let template = built.disk(version)?;
+        Self::on_disk(dir, &built.disk(version)?, &built.release_disk, options)
+    }
+
+    /// A VM booting a fresh copy of `template` with `release` as its
+    /// release disk.
+    pub fn on_disk(dir: &Path, template: &Path, release: &Path, options: VmOptions) -> Result<Vm> {
         fs::create_dir_all(dir)?;
         let disk = dir.join("disk.img");
         let _ = fs::remove_file(&disk);
         run(Command::new("cp")
             .arg("--sparse=always")
-            .arg(&template)
+            .arg(template)
             .arg(&disk))?;
         fs::copy(OVMF_VARS, dir.join("OVMF_VARS.fd"))
             .context("OVMF is missing: install Debian's ovmf")?;
@@ -258,7 +278,7 @@ impl Vm {
             dir: dir.to_path_buf(),
             accel: Accel::detect(),
             disk,
-            release: built.release_disk.clone(),
+            release: release.to_path_buf(),
             console,
             child: None,
             agent: None,
@@ -373,6 +393,11 @@ impl Vm {
             child.wait()?;
         }
         Ok(())
+    }
+
+    /// The VM's own copy of the disk (change it only while powered off).
+    pub fn disk_path(&self) -> &Path {
+        &self.disk
     }
 
     /// The console so far.
