@@ -11,8 +11,9 @@ use crate::{cargo, ensure_packages, is_root, run, say};
 
 /// Debian packages the VM tests and the demo need: QEMU, OVMF, systemd-boot
 /// (the EFI binary), debootstrap for the test roots, mtools and dosfstools
-/// for the ESP, binutils to strip the binaries put in the images.
-pub const VM_PACKAGES: [&str; 7] = [
+/// for the ESP, binutils to strip the binaries put in the images (and
+/// objcopy the UKIs), cryptsetup-bin for the ACL disk's hash trees.
+pub const VM_PACKAGES: [&str; 8] = [
     "qemu-system-x86",
     "ovmf",
     "systemd-boot-efi",
@@ -20,6 +21,7 @@ pub const VM_PACKAGES: [&str; 7] = [
     "mtools",
     "dosfstools",
     "binutils",
+    "cryptsetup-bin",
 ];
 
 /// Builds `tandemd`, `updatectl` and `tandem-release` (debug).
@@ -47,7 +49,8 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask vm-test`: the scenarios, two VMs at a time.
+/// `cargo xtask vm-test`: the scenarios (the generic layout's and the ACL
+/// layout's), two VMs at a time.
 pub fn vm_test() -> Result<()> {
     require_root("the VM tests")?;
     ensure_packages(&VM_PACKAGES)?;
