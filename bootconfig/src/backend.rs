@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::bls::{self, BlsEntry, BlsError, BootCounter, EntriesDir, EntryStatus, NewEntry};
 use crate::bootfiles::{self, BootFiles, BootFilesError};
 use crate::cmdline;
+use crate::flatcar::KernelDir;
 use crate::gpt::{GptDisk, GptError, PartitionEntry};
 use crate::gptprio::{self, GptPrio, SlotPair, SlotStatus, TransitionError};
 use crate::slots::{Slot, SlotError};
@@ -42,6 +43,8 @@ pub enum BootError {
     },
     #[error("the {backend} backend does not install UKIs")]
     NoUkis { backend: &'static str },
+    #[error("the {backend} backend keeps no slot kernels on an ESP")]
+    NoKernels { backend: &'static str },
     #[error(
         "refusing: systemd-boot would still boot {winner} first, not slot {slot}'s entry {entry}"
     )]
@@ -141,6 +144,27 @@ pub trait BootBackend {
             backend: self.name(),
         })
     }
+    /// For gptprio on Flatcar's layout: where a slot's new kernel is
+    /// written before [`install_kernel`](BootBackend::install_kernel)
+    /// places it at `flatcar/vmlinuz-a|b`.
+    fn kernel_staging(&self, _slot: SlotName) -> Option<PathBuf> {
+        None
+    }
+    /// The slot's installed Flatcar kernel, if it has one.
+    fn kernel_file(&self, _slot: SlotName) -> Option<PathBuf> {
+        None
+    }
+    /// Installs a written and verified slot's staged kernel; the slot
+    /// boots it only once set next.
+    fn install_kernel(
+        &mut self,
+        _slot: SlotName,
+        _staged: &std::path::Path,
+    ) -> Result<Vec<String>, BootError> {
+        Err(BootError::NoKernels {
+            backend: self.name(),
+        })
+    }
 }
 
 /// gptprio: the state lives in the slots' GPT attribute words.
@@ -148,12 +172,25 @@ pub trait BootBackend {
 pub struct GptPrioBackend {
     disk: GptDisk,
     slots: [Slot; 2],
+    /// Flatcar's layout: the slots' kernels on an ESP.
+    kernels: Option<KernelDir>,
 }
 
 impl GptPrioBackend {
     /// The backend over an open disk (opened for update to change anything).
     pub fn new(disk: GptDisk, slots: [Slot; 2]) -> Self {
-        GptPrioBackend { disk, slots }
+        GptPrioBackend {
+            disk,
+            slots,
+            kernels: None,
+        }
+    }
+
+    /// The backend for Flatcar's layout: each slot boots its kernel at
+    /// `flatcar/vmlinuz-a|b` on this ESP, which tandem installs.
+    pub fn with_kernels(mut self, esp: &std::path::Path) -> Self {
+        self.kernels = Some(KernelDir::new(esp));
+        self
     }
 
     fn pair(&self) -> SlotPair {
@@ -265,6 +302,25 @@ impl BootBackend for GptPrioBackend {
     fn cancel(&mut self, slot: SlotName) -> Result<Vec<String>, BootError> {
         let pair = self.pair().cancel(slot)?;
         self.store(pair)
+    }
+
+    fn kernel_staging(&self, slot: SlotName) -> Option<PathBuf> {
+        Some(self.kernels.as_ref()?.staging(slot))
+    }
+
+    fn kernel_file(&self, slot: SlotName) -> Option<PathBuf> {
+        self.kernels.as_ref()?.installed(slot)
+    }
+
+    fn install_kernel(
+        &mut self,
+        slot: SlotName,
+        staged: &std::path::Path,
+    ) -> Result<Vec<String>, BootError> {
+        let Some(kernels) = &self.kernels else {
+            return Err(BootError::NoKernels { backend: "gptprio" });
+        };
+        Ok(kernels.install(slot, staged)?)
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`uki`]: Unified Kernel Images and addons: their command line and
 //!   os-release, read from the PE sections.
 //! - [`ukidir`]: type #2 entries (UKIs in `EFI/Linux/`) with boot counting.
+//! - [`flatcar`]: Flatcar's slot kernels on the ESP (`flatcar/vmlinuz-a|b`),
+//!   which carry the slot's dm-verity root hash.
 //! - [`backend`]: the one small interface both boot backends implement.
 //!
 //! Decisions (transitions, boot order) are pure functions over data; the I/O
@@ -19,6 +21,7 @@ pub mod backend;
 pub mod bls;
 pub mod bootfiles;
 pub mod cmdline;
+pub mod flatcar;
 pub mod gpt;
 pub mod gptprio;
 pub mod guid;

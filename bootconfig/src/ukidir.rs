@@ -26,7 +26,7 @@ pub struct UkiDir {
     esp: PathBuf,
 }
 
-fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> BlsError {
+pub(crate) fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> BlsError {
     let path = path.to_path_buf();
     move |error| BlsError::Io {
         path,
@@ -35,7 +35,7 @@ fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> BlsErr
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), BlsError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), BlsError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir, "cannot sync"))
@@ -43,7 +43,7 @@ fn sync_dir(dir: &Path) -> Result<(), BlsError> {
 
 /// Moves `from` to `to` atomically: a rename on the same filesystem, else
 /// a copy to a temporary name beside `to`, fsync, rename.
-fn place(from: &Path, to: &Path) -> Result<(), BlsError> {
+pub(crate) fn place(from: &Path, to: &Path) -> Result<(), BlsError> {
     match fs::rename(from, to) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(18) => {

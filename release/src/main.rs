@@ -148,6 +148,11 @@ struct Artifacts {
     /// component.
     #[arg(long, value_name = "FILE", requires = "uki")]
     addon: Option<PathBuf>,
+    /// Flatcar's layout: the kernel image GRUB boots from the ESP
+    /// (`flatcar/vmlinuz-a|b`), with the root hash embedded where Flatcar's
+    /// GRUB reads it: the `kernel` component.
+    #[arg(long, value_name = "FILE", conflicts_with = "uki")]
+    kernel: Option<PathBuf>,
 }
 
 /// The running release's parts, for a delta of each.
@@ -162,6 +167,9 @@ struct SourceArtifacts {
     /// The running addon.
     #[arg(long, value_name = "FILE")]
     source_addon: Option<PathBuf>,
+    /// The running Flatcar kernel.
+    #[arg(long, value_name = "FILE")]
+    source_kernel: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -414,13 +422,20 @@ fn check_artifacts(image: &Path, artifacts: &Artifacts) -> Result<Option<String>
         .transpose()?
         .into_iter()
         .collect();
-    let named = uki_info
-        .as_ref()
-        .and_then(|u| uki::usrhash(&uki::combined_cmdline(u, &addons)));
+    let named = match &artifacts.kernel {
+        Some(kernel) => {
+            let bytes =
+                std::fs::read(kernel).with_context(|| format!("reading {}", kernel.display()))?;
+            bootconfig::flatcar::kernel_usrhash(&bytes)
+        }
+        None => uki_info
+            .as_ref()
+            .and_then(|u| uki::usrhash(&uki::combined_cmdline(u, &addons))),
+    };
     let Some(hash_path) = &artifacts.verity_hash else {
         if let Some(named) = named {
             bail!(
-                "the UKI names usrhash={named} but no --verity-hash was given to check it against"
+                "the boot artifact names usrhash={named} but no --verity-hash was given to check it against"
             );
         }
         return Ok(None);
@@ -446,13 +461,20 @@ fn check_artifacts(image: &Path, artifacts: &Artifacts) -> Result<Option<String>
             )
         })?;
     let root = verified.root_hash_hex();
-    match (&artifacts.uki, named) {
-        (Some(uki), None) => bail!(
+    match (&artifacts.uki, &artifacts.kernel, named) {
+        (Some(uki), _, None) => bail!(
             "{} (with its addon) names no usrhash=: a node could not check the slot's hash tree (root hash {root})",
             uki.display()
         ),
-        (Some(_), Some(named)) if !named.eq_ignore_ascii_case(&root) => bail!(
+        (_, Some(kernel), None) => bail!(
+            "{} carries no root hash (64 hex digits at byte 0x40, or 512 on arm64, where Flatcar's GRUB reads it): a node could not check the slot's hash tree (root hash {root})",
+            kernel.display()
+        ),
+        (Some(_), _, Some(named)) if !named.eq_ignore_ascii_case(&root) => bail!(
             "the UKI and addon name usrhash={named}, but the hash tree's root hash is {root}: refusing to sign a slot that would not boot"
+        ),
+        (_, Some(_), Some(named)) if !named.eq_ignore_ascii_case(&root) => bail!(
+            "the kernel carries root hash {named}, but the hash tree's root hash is {root}: refusing to sign a slot that would not boot"
         ),
         _ => {}
     }
@@ -499,6 +521,7 @@ fn make(
         ),
         ("uki", &artifacts.uki, &sources.source_uki),
         ("addon", &artifacts.addon, &sources.source_addon),
+        ("kernel", &artifacts.kernel, &sources.source_kernel),
     ];
     for (name, target, from) in parts {
         if from.is_some() && (target.is_none() || source.is_none()) {

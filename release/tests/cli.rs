@@ -719,3 +719,77 @@ fn verity_tree_and_uki_are_checked_before_signing_and_round_trip() {
         + uki_part["patch"]["blob_bytes"].as_u64().unwrap();
     assert!(blobs < 50_000, "{uki_part}");
 }
+
+#[test]
+fn a_flatcar_kernel_must_carry_the_trees_root_hash() {
+    let dir = TempDir::new("release-kernel");
+    let d = dir.path();
+    let (key, _) = keygen(d);
+    let (old, new) = image_files(d);
+    let (old_hash, new_hash) = (d.join("old.hash"), d.join("new.hash"));
+    let old_root = tandem_testkit::veritysetup_format(&old, &old_hash);
+    let new_root = tandem_testkit::veritysetup_format(&new, &new_hash);
+    let kernel = |name: &str, root: Option<&str>| {
+        let mut bytes = tandem_testkit::noise(9, 100_000);
+        bytes[..2].copy_from_slice(b"MZ");
+        if let Some(root) = root {
+            bootconfig::flatcar::embed_usrhash(&mut bytes, root).unwrap();
+        }
+        let path = d.join(name);
+        fs::write(&path, bytes).unwrap();
+        path
+    };
+    let good = kernel("good", Some(&new_root));
+    let full = |kernel: &Path, out: &Path| -> Vec<String> {
+        [
+            "full",
+            "--image",
+            s(&new),
+            "--version",
+            "2.0",
+            "--key",
+            s(&key),
+            "-o",
+            s(out),
+            "--verity-hash",
+            s(&new_hash),
+            "--kernel",
+            s(kernel),
+            "--json",
+            "-q",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    fn strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let out = d.join("full.tpl");
+    let summary: serde_json::Value = serde_json::from_str(&ok(&strs(&full(&good, &out)))).unwrap();
+    assert_eq!(summary["verity_root_hash"], new_root.as_str());
+    let names: Vec<&str> = summary["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["usr", "verity", "kernel"]);
+
+    let refused = d.join("refused.tpl");
+    let wrong = kernel("wrong", Some(&old_root));
+    let err = fails(&strs(&full(&wrong, &refused)));
+    assert!(
+        err.contains("the kernel carries root hash") && err.contains(&new_root),
+        "{err}"
+    );
+    let bare = kernel("bare", None);
+    let err = fails(&strs(&full(&bare, &refused)));
+    assert!(err.contains("carries no root hash"), "{err}");
+    assert!(!refused.exists());
+    // A kernel is Flatcar's boot artifact, a UKI ACL's: not both.
+    let mut both = full(&good, &refused);
+    both.extend(["--uki".to_string(), s(&good).to_string()]);
+    let err = fails(&strs(&both));
+    assert!(err.contains("cannot be used with"), "{err}");
+}

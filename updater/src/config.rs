@@ -157,7 +157,10 @@ pub struct Slots {
     /// `gptprio` (GRUB), `bls` (systemd-boot, type #1 entries with the
     /// slot's own kernel) or `uki` (systemd-boot, the payload's UKIs).
     pub boot_backend: BootBackendKind,
-    /// The ESP, for `bls`.
+    /// The ESP: for `bls` and `uki`, where the entries are; for `gptprio`,
+    /// set on Flatcar's layout, where each slot's kernel is
+    /// (`flatcar/vmlinuz-a|b`, installed by tandem from the payload's
+    /// `kernel`, whose embedded root hash gates the slot).
     pub esp: Option<PathBuf>,
     /// For `bls`: the kernel argument that names the slot's PARTUUID in the
     /// entries tandem writes: `mount.usr` for a /usr slot, `root` for a

@@ -620,29 +620,35 @@ impl Engine {
                 BootBackendKind::Bls | BootBackendKind::Uki => self.config.slots.esp.clone(),
             },
             ukis: self.config.slots.boot_backend == BootBackendKind::Uki,
+            kernels: match self.config.slots.boot_backend {
+                BootBackendKind::Gptprio => self.config.slots.esp.clone(),
+                BootBackendKind::Bls | BootBackendKind::Uki => None,
+            },
             layout,
             cmdline: self.config.system.cmdline.clone(),
             booted: None,
         }
     }
 
-    /// For the UKI backend: where the payload's `uki` and `addon` go (the
-    /// slot's staging files on the ESP, created empty when missing and
-    /// kept when a resumed apply already wrote to them) and, for a delta,
-    /// the other slot's installed files.
-    fn uki_paths(&self, slot: SlotName) -> Result<Vec<ComponentPaths>, EngineError> {
+    /// The boot artifacts a payload brings for the ESP: for the UKI
+    /// backend its `uki` and `addon`, for gptprio on Flatcar's layout its
+    /// `kernel`. They go to the slot's staging files on the ESP (created
+    /// empty when missing and kept when a resumed apply already wrote to
+    /// them); a delta reads the other slot's installed files.
+    fn esp_paths(&self, slot: SlotName) -> Result<Vec<ComponentPaths>, EngineError> {
         let o = slotctl::open(&self.target(), false)
             .map_err(|e| EngineError::Slots(format!("{e:#}")))?;
-        let Some((uki, addon)) = o.backend.uki_staging(slot) else {
-            return Ok(Vec::new());
-        };
-        let installed = o.backend.uki_files(slot.other());
+        let mut files: Vec<(&str, PathBuf, Option<PathBuf>)> = Vec::new();
+        if let Some((uki, addon)) = o.backend.uki_staging(slot) {
+            let installed = o.backend.uki_files(slot.other());
+            files.push(("uki", uki, installed.as_ref().map(|(u, _)| u.clone())));
+            files.push(("addon", addon, installed.and_then(|(_, a)| a)));
+        }
+        if let Some(kernel) = o.backend.kernel_staging(slot) {
+            files.push(("kernel", kernel, o.backend.kernel_file(slot.other())));
+        }
         let mut paths = Vec::new();
-        let sources = [
-            installed.as_ref().map(|(u, _)| u.clone()),
-            installed.and_then(|(_, a)| a),
-        ];
-        for ((name, path), source) in [("uki", uki), ("addon", addon)].into_iter().zip(sources) {
+        for (name, path, source) in files {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| EngineError::System(format!("creating {}: {e}", dir.display())))?;
@@ -1278,7 +1284,7 @@ impl Engine {
             &layout.slots[job.slot.index()],
             &layout.slots[job.slot.other().index()],
         );
-        paths.extend(self.uki_paths(job.slot)?);
+        paths.extend(self.esp_paths(job.slot)?);
         let written_version: Arc<Mutex<Option<Written>>> = Arc::default();
         let cleared = Arc::new(AtomicBool::new(false));
         let vet: payload::apply::Vet = {
@@ -1384,6 +1390,17 @@ impl Engine {
                 }
                 None => None,
             };
+            // gptprio on Flatcar's layout boots the payload's kernel,
+            // written and verified in the slot's staging file.
+            let kernel = match o.backend.kernel_staging(job.slot) {
+                Some(_) if !components.iter().any(|c| c == "kernel") => {
+                    return Err(EngineError::Refused(format!(
+                        "the payload for {version} has no kernel, and slot {} boots its own from the ESP (flatcar/vmlinuz-a|b, slots.esp with gptprio); it is not set to boot",
+                        job.slot
+                    )));
+                }
+                staged => staged,
+            };
             let usrhash = match &ukis {
                 Some((uki, addon)) => {
                     let read = |p: &std::path::Path| {
@@ -1402,9 +1419,12 @@ impl Engine {
                         &addons,
                     ))
                 }
-                None => files
-                    .as_ref()
-                    .and_then(|f| bootconfig::uki::usrhash(&f.cmdline)),
+                None => match &kernel {
+                    Some(k) => verity::kernel_usrhash(k)?,
+                    None => files
+                        .as_ref()
+                        .and_then(|f| bootconfig::uki::usrhash(&f.cmdline)),
+                },
             };
             if let Some(root) = verity::check_slot(&o.disk_path, &slot, usrhash.as_deref())? {
                 tracing::info!(
@@ -1421,6 +1441,12 @@ impl Engine {
                     })?;
                 notes.iter().for_each(|n| tracing::info!("{n}"));
                 tracing::info!("installed slot {}'s UKI and its entry", job.slot);
+            }
+            if let Some(k) = &kernel {
+                let notes = o.backend.install_kernel(job.slot, k).map_err(|e| {
+                    EngineError::Slots(format!("installing slot {}'s kernel: {e}", job.slot))
+                })?;
+                notes.iter().for_each(|n| tracing::info!("{n}"));
             }
             if let Some(files) = files {
                 let notes = o

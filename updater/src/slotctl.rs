@@ -26,6 +26,9 @@ pub struct Target {
     pub layout: SlotLayout,
     /// With an ESP: the slots boot UKIs (type #2 entries) tandem installs.
     pub ukis: bool,
+    /// With gptprio (no `esp`): the ESP holding the slots' kernels at
+    /// `flatcar/vmlinuz-a|b`, as on Flatcar, which tandem installs.
+    pub kernels: Option<PathBuf>,
     /// Where the kernel command line is read from (`/proc/cmdline`).
     pub cmdline: PathBuf,
     /// The booted slot as the caller knows it; overrides the command line.
@@ -48,6 +51,39 @@ pub struct SlotReport {
     pub slot: Slot,
     pub booted: bool,
     pub boot: SlotBoot,
+    /// Flatcar's layout: the slot's kernel on the ESP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<SlotKernel>,
+}
+
+/// A slot's kernel at `flatcar/vmlinuz-a|b`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotKernel {
+    pub path: PathBuf,
+    /// Whether the file is there.
+    pub present: bool,
+    /// The dm-verity root hash the kernel image carries, if any.
+    pub usrhash: Option<String>,
+}
+
+fn slot_kernel(esp: &Path, slot: SlotName) -> SlotKernel {
+    let path = bootconfig::flatcar::KernelDir::new(esp).kernel(slot);
+    let bytes = read_head(&path, 1024);
+    SlotKernel {
+        present: bytes.is_some(),
+        usrhash: bytes.and_then(|b| bootconfig::flatcar::kernel_usrhash(&b)),
+        path,
+    }
+}
+
+/// The first `len` bytes of a file, or fewer if it is shorter.
+fn read_head(path: &Path, len: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(len).read_to_end(&mut bytes))
+        .ok()?;
+    Some(bytes)
 }
 
 /// What `updatectl slots` shows, and its `--json` document.
@@ -57,6 +93,9 @@ pub struct SlotsReport {
     pub disk: PathBuf,
     pub backend: &'static str,
     pub esp: Option<PathBuf>,
+    /// gptprio on Flatcar's layout: the ESP of the slots' kernels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernels: Option<PathBuf>,
     pub gpt_primary: CopyHealth,
     pub gpt_backup: CopyHealth,
     /// The slot the kernel was booted from, when the command line names one
@@ -154,7 +193,13 @@ pub fn open(target: &Target, for_update: bool) -> Result<Opened> {
     let primary = disk.primary_health().clone();
     let backup = disk.backup_health().clone();
     let backend: Box<dyn BootBackend> = match &target.esp {
-        None => Box::new(GptPrioBackend::new(disk, found.clone())),
+        None => {
+            let gptprio = GptPrioBackend::new(disk, found.clone());
+            Box::new(match &target.kernels {
+                Some(esp) => gptprio.with_kernels(esp),
+                None => gptprio,
+            })
+        }
         Some(esp) if target.ukis => Box::new(BlsBackend::open_ukis(esp, found.clone())?),
         Some(esp) => Box::new(BlsBackend::open(EntriesDir::new(esp), found.clone())?),
     };
@@ -175,6 +220,7 @@ pub fn report_of(target: &Target, opened: &Opened) -> SlotsReport {
         disk: opened.disk_path.clone(),
         backend: opened.backend.name(),
         esp: target.esp.clone(),
+        kernels: target.kernels.clone(),
         gpt_primary: opened.primary.clone(),
         gpt_backup: opened.backup.clone(),
         booted: opened.booted,
@@ -186,6 +232,10 @@ pub fn report_of(target: &Target, opened: &Opened) -> SlotsReport {
                 slot: slot.clone(),
                 booted: opened.booted == Some(slot.name),
                 boot: opened.backend.slot_boot(slot.name),
+                kernel: target
+                    .kernels
+                    .as_deref()
+                    .map(|esp| slot_kernel(esp, slot.name)),
             })
             .collect(),
     }
@@ -264,6 +314,9 @@ pub fn render(report: &SlotsReport) -> String {
     if let Some(esp) = &report.esp {
         out.push_str(&format!(" (ESP {})", esp.display()));
     }
+    if let Some(esp) = &report.kernels {
+        out.push_str(&format!(" (kernels in {}/flatcar)", esp.display()));
+    }
     out.push('\n');
     if report.gpt_primary != CopyHealth::Sound || report.gpt_backup != CopyHealth::Sound {
         out.push_str(&format!(
@@ -294,6 +347,14 @@ pub fn render(report: &SlotsReport) -> String {
                 "  hash-sig:  partition {} {:?} ({})\n",
                 p.partition_number, p.label, p.partuuid
             ));
+        }
+        if let Some(k) = &s.kernel {
+            let what = match (k.present, &k.usrhash) {
+                (false, _) => "missing".to_string(),
+                (true, Some(h)) => format!("usrhash {h}"),
+                (true, None) => "no usrhash".to_string(),
+            };
+            out.push_str(&format!("  kernel:    {} ({what})\n", k.path.display()));
         }
         match &s.boot {
             SlotBoot::Gptprio {

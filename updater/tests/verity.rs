@@ -2,9 +2,11 @@
 //! disk laid out as ACL's (each `/usr` slot with a HASH partition of the
 //! DPS usr-verity type), payloads over HTTP on 127.0.0.1. A slot with a
 //! hash tree is never set to boot unless its tree matches its data and
-//! its root hash is the `usrhash=` its boot artifact names; the gptprio
-//! backend has no such artifact, so the update is refused, clearly, with
-//! the boot state as it was.
+//! its root hash is the `usrhash=` its boot artifact names; the plain
+//! gptprio backend has no such artifact, so the update is refused,
+//! clearly, with the boot state as it was. On Flatcar's layout (gptprio,
+//! the tree inside USR, the kernel on the ESP carrying the root hash) the
+//! kernel is the artifact, and tandem installs it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -333,5 +335,231 @@ fn a_signed_payload_whose_tree_does_not_match_its_uki_is_refused_by_the_node() {
             .starts_with("tandem-slot-b+1")),
         "B was set to boot"
     );
+    assert_eq!(node.status()["next_boot"], "A");
+}
+
+/// Flatcar's layout: the tree inside each USR partition at this offset.
+const FLATCAR_HASH_OFFSET: u64 = 12 << 20;
+
+struct FlatcarParts {
+    dir: tandem_testkit::TempDir,
+    usr: [PathBuf; 2],
+    hash: [PathBuf; 2],
+    kernel: [PathBuf; 2],
+    root: [String; 2],
+}
+
+fn flatcar_kernel(dir: &std::path::Path, name: &str, seed: u64, root: &str) -> PathBuf {
+    let mut bytes = tandem_testkit::noise(seed, 300_000);
+    bytes[..2].copy_from_slice(b"MZ");
+    bootconfig::flatcar::embed_usrhash(&mut bytes, root).unwrap();
+    let path = dir.join(name);
+    fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// A node on Flatcar's layout: gptprio, the kernels on the ESP at
+/// `flatcar/vmlinuz-a|b`, each USR slot's tree at 12 MiB into it. Slot A
+/// holds 1.0.0 (data, tree, kernel); 2.0.0 is published as full and delta
+/// payloads of `usr`, `verity` and `kernel`.
+fn flatcar_node(rel: &common::Releases, server: &HttpServer) -> (Node, FlatcarParts) {
+    let node = Node::new(server, rel);
+    let dir = tandem_testkit::TempDir::new("flatcar-parts");
+    let d = dir.path();
+    let usr = [d.join("v1.img"), d.join("v2.img")];
+    fs::write(&usr[0], &rel.v1).unwrap();
+    fs::write(&usr[1], &rel.v2).unwrap();
+    let hash = [d.join("v1.hash"), d.join("v2.hash")];
+    let root = [
+        tandem_testkit::veritysetup_format(&usr[0], &hash[0]),
+        tandem_testkit::veritysetup_format(&usr[1], &hash[1]),
+    ];
+    // The two kernels differ a little, as releases' kernels do.
+    let kernel = [
+        flatcar_kernel(d, "vmlinuz-1", 21, &root[0]),
+        flatcar_kernel(d, "vmlinuz-2", 21, &root[1]),
+    ];
+    let disk = fs::OpenOptions::new()
+        .write(true)
+        .open(&node.disk.path)
+        .unwrap();
+    disk.write_all_at(
+        &fs::read(&hash[0]).unwrap(),
+        node.partition_offset(3) + FLATCAR_HASH_OFFSET,
+    )
+    .unwrap();
+    let esp = node.dir.path().join("esp");
+    fs::create_dir_all(esp.join("flatcar")).unwrap();
+    fs::copy(&kernel[0], esp.join("flatcar/vmlinuz-a")).unwrap();
+    node.configure(
+        "60-flatcar",
+        &format!(
+            "[slots]\nesp = \"{}\"\nhash = \"in-slot\"\nhash_offset = {FLATCAR_HASH_OFFSET}\n",
+            esp.display()
+        ),
+    );
+    let file = |name: &str, target: &PathBuf, source: Option<&PathBuf>| ComponentInput {
+        name: name.into(),
+        target: target.clone(),
+        source: source.cloned(),
+        file: name == "kernel",
+    };
+    let full = vec![
+        file("usr", &usr[1], None),
+        file("verity", &hash[1], None),
+        file("kernel", &kernel[1], None),
+    ];
+    make(rel, &full, None, "full-2.0.0.tpl");
+    let delta = vec![
+        file("usr", &usr[1], Some(&usr[0])),
+        file("verity", &hash[1], Some(&hash[0])),
+        file("kernel", &kernel[1], Some(&kernel[0])),
+    ];
+    make(rel, &delta, Some("1.0.0"), "delta-1.0.0-2.0.0.tpl");
+    (
+        node,
+        FlatcarParts {
+            dir,
+            usr,
+            hash,
+            kernel,
+            root,
+        },
+    )
+}
+
+#[test]
+fn a_flatcar_slot_is_updated_with_its_tree_inside_usr_and_its_kernel_on_the_esp() {
+    let rel = releases();
+    let server = HttpServer::serve(&rel.www);
+    let (mut node, parts) = flatcar_node(&rel, &server);
+    rel.publish(1, vec![rel.release("2.0.0", true)], in_days(7), None);
+    let esp = node.dir.path().join("esp");
+    let args = [
+        "slots",
+        "--disk",
+        node.disk.path_str(),
+        "--kernels",
+        esp.to_str().unwrap(),
+        "--hash-offset",
+        "12582912",
+    ];
+    let human = node.ctl_ok(&args);
+    assert!(
+        human.contains(&format!("vmlinuz-a (usrhash {})", parts.root[0])),
+        "{human}"
+    );
+    assert!(human.contains("vmlinuz-b (missing)"), "{human}");
+    assert!(
+        human.contains(&format!(
+            "hash:      inside the slot from byte {FLATCAR_HASH_OFFSET}"
+        )),
+        "{human}"
+    );
+
+    node.start();
+    node.wait_health();
+    let out = node.ctl_ok(&["apply"]);
+    assert!(out.contains("2.0.0"), "{out}");
+    // Slot B: data, then the tree at the offset; its kernel in place, the
+    // staging file gone; slot A and its kernel untouched.
+    assert_eq!(node.slot_bytes(4, rel.v2.len()), rel.v2);
+    let b = node.slot_bytes(4, 16 << 20);
+    let tree = fs::read(&parts.hash[1]).unwrap();
+    let at = FLATCAR_HASH_OFFSET as usize;
+    assert_eq!(&b[at..at + tree.len()], &tree[..]);
+    assert_eq!(
+        fs::read(esp.join("flatcar/vmlinuz-b")).unwrap(),
+        fs::read(&parts.kernel[1]).unwrap()
+    );
+    assert!(!esp.join("flatcar/.vmlinuz-b.new").exists());
+    assert_eq!(
+        fs::read(esp.join("flatcar/vmlinuz-a")).unwrap(),
+        fs::read(&parts.kernel[0]).unwrap()
+    );
+    assert_eq!(node.slot_bytes(3, rel.v1.len()), rel.v1);
+    // veritysetup reads slot B as the kernel will: data and tree in one
+    // partition, the tree at the offset, the root hash from the kernel.
+    let part = parts.dir.path().join("usr-b.part");
+    fs::write(&part, &b).unwrap();
+    let p = part.to_str().unwrap();
+    run(
+        "veritysetup",
+        &[
+            "verify",
+            p,
+            p,
+            &parts.root[1],
+            &format!("--hash-offset={FLATCAR_HASH_OFFSET}"),
+        ],
+    );
+    let s = node.status();
+    assert_eq!(s["next_boot"], "B", "{s}");
+    assert!(node
+        .log_text()
+        .contains(&format!("root hash {}", parts.root[1])));
+    assert_eq!(common::payload_bytes_served(&server, "full-2.0.0.tpl"), 0);
+
+    let shown: serde_json::Value = serde_json::from_str(&node.ctl_ok(&[
+        "slots",
+        "--disk",
+        node.disk.path_str(),
+        "--kernels",
+        esp.to_str().unwrap(),
+        "--hash-offset",
+        "12582912",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        shown["slots"][1]["kernel"]["usrhash"],
+        parts.root[1].as_str()
+    );
+    assert_eq!(shown["slots"][1]["hash"]["kind"], "in-slot");
+    let _ = &parts.usr;
+}
+
+#[test]
+fn a_flatcar_kernel_naming_another_root_hash_or_no_kernel_is_refused() {
+    let rel = releases();
+    let server = HttpServer::serve(&rel.www);
+    let (mut node, parts) = flatcar_node(&rel, &server);
+    // 2.0.0's data and tree with a kernel that names 1.0.0's root hash.
+    let wrong = flatcar_kernel(parts.dir.path(), "wrong", 22, &parts.root[0]);
+    let inputs = |kernel: Option<&PathBuf>| {
+        let mut v = vec![
+            part("usr", &parts.usr[1], None),
+            part("verity", &parts.hash[1], None),
+        ];
+        if let Some(k) = kernel {
+            v.push(ComponentInput {
+                name: "kernel".into(),
+                target: k.clone(),
+                source: None,
+                file: true,
+            });
+        }
+        v
+    };
+    make(&rel, &inputs(Some(&wrong)), None, "full-2.0.0.tpl");
+    rel.publish(1, vec![rel.release("2.0.0", false)], in_days(7), None);
+    node.start();
+    node.wait_health();
+    let err = node.ctl_err(&["apply"]);
+    assert!(err.contains("dm-verity check failed"), "{err}");
+    assert!(err.contains(&parts.root[0]), "{err}");
+    let esp = node.dir.path().join("esp");
+    assert!(
+        !esp.join("flatcar/vmlinuz-b").exists(),
+        "the wrong kernel was installed"
+    );
+    assert_eq!(node.status()["next_boot"], "A");
+
+    // No kernel at all: slot B would boot whatever kernel it had.
+    make(&rel, &inputs(None), None, "full-2.0.0.tpl");
+    rel.publish(2, vec![rel.release("2.0.0", false)], in_days(7), None);
+    let err = node.ctl_err(&["apply"]);
+    assert!(err.contains("has no kernel"), "{err}");
+    assert!(!esp.join("flatcar/vmlinuz-b").exists());
     assert_eq!(node.status()["next_boot"], "A");
 }

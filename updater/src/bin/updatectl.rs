@@ -126,6 +126,14 @@ struct SlotsArgs {
     /// entries, ACL's layout) instead of type #1 entries.
     #[arg(long, global = true, requires = "esp")]
     ukis: bool,
+    /// gptprio on Flatcar's layout: the ESP mounted here holds the slots'
+    /// kernels at flatcar/vmlinuz-a|b (shown with their root hashes).
+    #[arg(long, global = true, value_name = "DIR", conflicts_with = "esp")]
+    kernels: Option<PathBuf>,
+    /// Flatcar's layout: each slot keeps its dm-verity hash tree inside
+    /// it from this byte offset (slots.hash = "in-slot").
+    #[arg(long, global = true, value_name = "BYTES")]
+    hash_offset: Option<u64>,
     /// Print a machine-readable JSON document.
     #[arg(long, global = true)]
     json: bool,
@@ -175,10 +183,14 @@ fn slots(args: SlotsArgs) -> Result<()> {
     if let Some(type_guid) = args.type_guid {
         layout.type_guid = type_guid;
     }
+    if let Some(offset) = args.hash_offset {
+        layout.hash = bootconfig::HashLayout::InSlot { offset };
+    }
     let target = Target {
         disk: args.disk,
         esp: args.esp,
         ukis: args.ukis,
+        kernels: args.kernels,
         layout,
         cmdline: args.cmdline,
         booted: args.booted,

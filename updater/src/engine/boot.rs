@@ -492,6 +492,8 @@ impl Engine {
                 uki::read_uki(&uki)
                     .ok()
                     .and_then(|u| uki::usrhash(&uki::combined_cmdline(&u, &addons)))
+            } else if let Some(kernel) = o.backend.kernel_file(staged.slot) {
+                super::verity::kernel_usrhash(&kernel)?
             } else if o.backend.installs_boot_files() {
                 bootconfig::bootfiles::read_from_image(&disk, slot.offset, slot.image_size())
                     .ok()

@@ -36,6 +36,17 @@ pub(super) fn component_paths(disk: &Path, target: &Slot, source: &Slot) -> Vec<
     paths
 }
 
+/// The root hash a Flatcar kernel file carries (`None` when it carries
+/// none).
+pub(super) fn kernel_usrhash(path: &Path) -> Result<Option<String>, EngineError> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(1024).read_to_end(&mut head))
+        .map_err(|e| EngineError::System(format!("reading the kernel {}: {e}", path.display())))?;
+    Ok(bootconfig::flatcar::kernel_usrhash(&head))
+}
+
 /// The gate. `usrhash` is the root hash the slot's boot artifact names
 /// (`usrhash=` of its command line), if it names one. Returns the root
 /// hash checked, `None` for a slot without a hash tree.
