@@ -24,22 +24,16 @@ pub const VM_PACKAGES: [&str; 8] = [
     "cryptsetup-bin",
 ];
 
-/// Builds `tandemd`, `updatectl` and `tandem-release` (debug).
+/// The VM test targets of `qemu-tests/` (`test = false` there: a plain
+/// `cargo test` does not boot VMs).
+pub const VM_TESTS: [&str; 2] = ["scenarios", "acl"];
+
+/// Builds `tandemd`, `updatectl` and `tandem-release` (debug), with the
+/// rest of the workspace's programs: the same package selection as every
+/// other cargo call of `cargo xtask`, so the dependencies are compiled
+/// once, with one set of features, not once per selection.
 pub fn build_binaries() -> Result<()> {
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "--package",
-        "updater",
-        "--bin",
-        "updatectl",
-        "--bin",
-        "tandemd",
-        "--package",
-        "release",
-        "--bin",
-        "tandem-release",
-    ]))
+    run(cargo().args(["build", "--quiet", "--workspace", "--bins"]))
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -56,14 +50,12 @@ pub fn vm_test() -> Result<()> {
     ensure_packages(&VM_PACKAGES)?;
     build_binaries()?;
     let started = Instant::now();
-    run(cargo().args([
-        "test",
-        "--package",
-        "tandem-qemu-tests",
-        "--all-targets",
-        "--",
-        "--test-threads=2",
-    ]))?;
+    let mut args = vec!["test", "--workspace"];
+    for name in VM_TESTS {
+        args.extend(["--test", name]);
+    }
+    args.extend(["--", "--test-threads=2"]);
+    run(cargo().args(args))?;
     eprintln!(
         "xtask: VM tests passed in {}s ({:?})",
         started.elapsed().as_secs(),
