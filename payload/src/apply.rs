@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::container::{PayloadError, PayloadHead};
 use crate::digest::{digest_file, sha256, worker_count};
-use crate::format::{total_blocks, Extent, ImageRef, Manifest, Operation, Sha256Hex, BLOCK_SIZE};
+use crate::format::{
+    total_blocks, Extent, ImageRef, Manifest, Operation, Sha256Hex, BLOCK_SIZE, MAX_BSDIFF_BODY,
+};
 use crate::make::read_extents;
 use crate::region::{ByteRange, Region};
 use crate::sign::Keyring;
@@ -82,6 +84,24 @@ pub enum ApplyError {
     },
     #[error("{context}: {error}")]
     Io { context: String, error: io::Error },
+}
+
+impl ApplyError {
+    /// The payload is in a format (version or operation kind) this tandem
+    /// does not read: found before anything was written. A node then takes
+    /// the release's full payload, which is written in the oldest format
+    /// that holds it.
+    pub fn is_unknown_format(&self) -> bool {
+        use crate::format::HeaderError;
+        use crate::validate::ManifestError;
+        matches!(
+            self,
+            ApplyError::Payload(
+                PayloadError::Header(HeaderError::UnsupportedVersion(_))
+                    | PayloadError::Manifest(ManifestError::Version(_) | ManifestError::Syntax(_))
+            )
+        )
+    }
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyError {
@@ -760,7 +780,9 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
                 .ok_or_else(|| ApplyError::MissingSource(String::new()))?;
             copy_extents(source, src, &slot.target, dst).map_err(write_err())?;
         }
-        Operation::Data { blob, .. } | Operation::Patch { blob, .. } => {
+        Operation::Data { blob, .. }
+        | Operation::Patch { blob, .. }
+        | Operation::Bsdiff { blob, .. } => {
             let bytes = job.blob.unwrap_or_default();
             if sha256(&bytes) != blob.sha256 {
                 return Err(ApplyError::BlobHash {
@@ -770,17 +792,27 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
                 });
             }
             let reference = match (&job.op, &slot.source) {
-                (Operation::Patch { src, .. }, Some(source)) => {
+                (Operation::Patch { src, .. } | Operation::Bsdiff { src, .. }, Some(source)) => {
                     Some(read_extents(source, src).map_err(io_err("reading the source"))?)
                 }
                 _ => None,
             };
-            let out = zstd_decompress(&bytes, reference.as_deref(), out_len as usize).map_err(
-                |reason| ApplyError::Decode {
-                    op: job.index,
-                    reason,
-                },
-            )?;
+            let decode = |reason: String| ApplyError::Decode {
+                op: job.index,
+                reason,
+            };
+            let out = match (&job.op, reference) {
+                (Operation::Bsdiff { .. }, Some(old)) => {
+                    let body = zstd_decompress_bounded(&bytes, MAX_BSDIFF_BODY as usize)
+                        .map_err(decode)?;
+                    crate::bsdiff::apply(&old, &body, out_len as usize)
+                        .map_err(|e| decode(format!("bsdiff: {e}")))?
+                }
+                (_, reference) => {
+                    zstd_decompress(&bytes, reference.as_deref(), out_len as usize)
+                        .map_err(decode)?
+                }
+            };
             write_extents(&slot.target, dst, &out).map_err(write_err())?;
         }
     }
@@ -804,6 +836,20 @@ pub fn zstd_decompress(
         return Err(format!("decoded {n} bytes, the operation writes {len}"));
     }
     Ok(out)
+}
+
+/// Decompresses a zstd frame that names its content size, at most `limit`
+/// bytes (checked before anything is allocated).
+pub fn zstd_decompress_bounded(blob: &[u8], limit: usize) -> Result<Vec<u8>, String> {
+    let size = match zstd_safe::get_frame_content_size(blob) {
+        Ok(Some(size)) => size,
+        Ok(None) => return Err("the zstd frame does not name its size".into()),
+        Err(_) => return Err("not a zstd frame".into()),
+    };
+    if size > limit as u64 {
+        return Err(format!("the frame holds {size} bytes, over the limit of {limit}"));
+    }
+    zstd_decompress(blob, None, size as usize)
 }
 
 fn write_extents(file: &Region, extents: &[Extent], data: &[u8]) -> io::Result<()> {

@@ -80,7 +80,7 @@ impl PayloadHead {
             Some(k) => Some(k.verify_detached(&manifest_bytes, &signature)?),
             None => None,
         };
-        let manifest = validate::parse_and_validate(&manifest_bytes, header.data_len)?;
+        let manifest = validate::parse_and_validate(&manifest_bytes, &header)?;
         Ok(PayloadHead {
             header,
             manifest_bytes,
@@ -140,6 +140,18 @@ pub fn write_payload<W: Write, D: Read>(
     write_raw(out, &manifest_bytes, &signature, manifest.data_len, data)
 }
 
+/// The `format_version` a manifest names, for its header; version 1 when
+/// the bytes do not say (test payloads that are wrong on purpose).
+fn version_of(manifest_bytes: &[u8]) -> u32 {
+    #[derive(serde::Deserialize)]
+    struct Versioned {
+        format_version: u32,
+    }
+    serde_json::from_slice::<Versioned>(manifest_bytes)
+        .map(|v| v.format_version)
+        .unwrap_or(crate::format::MIN_FORMAT_VERSION)
+}
+
 /// Writes a payload from raw parts without checking them. The release tool
 /// uses [`write_payload`]; this exists so tests can build payloads that are
 /// signed yet wrong, to prove the applier rejects them.
@@ -151,6 +163,7 @@ pub fn write_raw<W: Write, D: Read>(
     data: &mut D,
 ) -> Result<Header, PayloadError> {
     let header = Header {
+        version: version_of(manifest_bytes),
         manifest_len: manifest_bytes.len() as u64,
         signature_len: signature.len() as u64,
         data_len,

@@ -8,8 +8,21 @@ use serde::{Deserialize, Serialize};
 
 /// First eight bytes of every payload.
 pub const MAGIC: [u8; 8] = *b"TNDMPAY\0";
-/// The only format version this code reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format version this code reads and writes. Version 2 adds
+/// the `bsdiff` operation; a payload without one is written as version 1,
+/// which every tandem reads.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this code reads.
+pub const MIN_FORMAT_VERSION: u32 = 1;
+/// The version of a manifest whose operations are `ops`: the lowest that
+/// has every kind they use.
+pub fn version_for<'a>(ops: impl IntoIterator<Item = &'a Operation>) -> u32 {
+    if ops.into_iter().any(|op| op.kind() == OpKind::Bsdiff) {
+        2
+    } else {
+        MIN_FORMAT_VERSION
+    }
+}
 /// Size of the fixed header in bytes.
 pub const HEADER_LEN: usize = 64;
 /// Every operation works on blocks of this size.
@@ -29,6 +42,9 @@ pub const MAX_OP_OUTPUT: u64 = 8 << 20;
 pub const MAX_REFERENCE_LEN: u64 = 24 << 20;
 /// Largest compressed blob (an incompressible output plus zstd's framing).
 pub const MAX_BLOB_LEN: u64 = MAX_OP_OUTPUT + (64 << 10);
+/// Largest decompressed patch body of one bsdiff operation: its output and
+/// the records' headers.
+pub const MAX_BSDIFF_BODY: u64 = 2 * MAX_OP_OUTPUT;
 /// Most components one payload may carry.
 pub const MAX_COMPONENTS: usize = 16;
 /// Segment size of an image digest (see [`Digest`]).
@@ -40,7 +56,7 @@ pub enum HeaderError {
     #[error("not a tandem payload (bad magic)")]
     BadMagic,
     #[error(
-        "payload format version {0} is not supported (this tandem reads version {FORMAT_VERSION})"
+        "payload format version {0} is not supported (this tandem reads versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION})"
     )]
     UnsupportedVersion(u32),
     #[error("payload header is corrupt (checksum mismatch)")]
@@ -55,9 +71,12 @@ pub enum HeaderError {
     },
 }
 
-/// The fixed header: the lengths of the three sections that follow it.
+/// The fixed header: the format version and the lengths of the three
+/// sections that follow it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// Equal to the manifest's `format_version`.
+    pub version: u32,
     pub manifest_len: u64,
     pub signature_len: u64,
     pub data_len: u64,
@@ -68,7 +87,7 @@ impl Header {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut out = [0u8; HEADER_LEN];
         out[0..8].copy_from_slice(&MAGIC);
-        out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out[8..12].copy_from_slice(&self.version.to_le_bytes());
         out[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
         out[16..24].copy_from_slice(&self.manifest_len.to_le_bytes());
         out[24..32].copy_from_slice(&self.signature_len.to_le_bytes());
@@ -84,7 +103,7 @@ impl Header {
             return Err(HeaderError::BadMagic);
         }
         let version = le_u32(&bytes[8..12]);
-        if version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(HeaderError::UnsupportedVersion(version));
         }
         if le_u32(&bytes[60..64]) != crc32fast::hash(&bytes[..60]) {
@@ -97,6 +116,7 @@ impl Header {
             return Err(HeaderError::Invalid("reserved bytes are not zero"));
         }
         let header = Header {
+            version,
             manifest_len: le_u64(&bytes[16..24]),
             signature_len: le_u64(&bytes[24..32]),
             data_len: le_u64(&bytes[32..40]),
@@ -313,6 +333,14 @@ pub enum Operation {
         src: Vec<Extent>,
         blob: Blob,
     },
+    /// A zstd frame holding a bsdiff patch body ([`crate::bsdiff`]) that
+    /// turns the concatenated `src` blocks into the `dst` blocks. Format
+    /// version 2.
+    Bsdiff {
+        dst: Vec<Extent>,
+        src: Vec<Extent>,
+        blob: Blob,
+    },
 }
 
 impl Operation {
@@ -321,20 +349,25 @@ impl Operation {
             Operation::Zero { dst }
             | Operation::Copy { dst, .. }
             | Operation::Data { dst, .. }
-            | Operation::Patch { dst, .. } => dst,
+            | Operation::Patch { dst, .. }
+            | Operation::Bsdiff { dst, .. } => dst,
         }
     }
 
     pub fn src(&self) -> &[Extent] {
         match self {
-            Operation::Copy { src, .. } | Operation::Patch { src, .. } => src,
+            Operation::Copy { src, .. }
+            | Operation::Patch { src, .. }
+            | Operation::Bsdiff { src, .. } => src,
             Operation::Zero { .. } | Operation::Data { .. } => &[],
         }
     }
 
     pub fn blob(&self) -> Option<&Blob> {
         match self {
-            Operation::Data { blob, .. } | Operation::Patch { blob, .. } => Some(blob),
+            Operation::Data { blob, .. }
+            | Operation::Patch { blob, .. }
+            | Operation::Bsdiff { blob, .. } => Some(blob),
             Operation::Zero { .. } | Operation::Copy { .. } => None,
         }
     }
@@ -345,11 +378,22 @@ impl Operation {
             Operation::Copy { .. } => OpKind::Copy,
             Operation::Data { .. } => OpKind::Data,
             Operation::Patch { .. } => OpKind::Patch,
+            Operation::Bsdiff { .. } => OpKind::Bsdiff,
+        }
+    }
+
+    /// The blob, to set its offset once the data section is laid out.
+    pub fn blob_mut(&mut self) -> Option<&mut Blob> {
+        match self {
+            Operation::Data { blob, .. }
+            | Operation::Patch { blob, .. }
+            | Operation::Bsdiff { blob, .. } => Some(blob),
+            Operation::Zero { .. } | Operation::Copy { .. } => None,
         }
     }
 }
 
-/// The four operation kinds, for statistics.
+/// The operation kinds, for statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OpKind {
@@ -357,6 +401,7 @@ pub enum OpKind {
     Copy,
     Data,
     Patch,
+    Bsdiff,
 }
 
 #[cfg(test)]
@@ -365,6 +410,7 @@ mod tests {
 
     fn header() -> Header {
         Header {
+            version: 1,
             manifest_len: 100,
             signature_len: 200,
             data_len: 300,
@@ -386,8 +432,8 @@ mod tests {
         b[0] = b'X';
         assert_eq!(Header::decode(&b), Err(HeaderError::BadMagic));
         let mut b = good;
-        b[8] = 2;
-        assert_eq!(Header::decode(&b), Err(HeaderError::UnsupportedVersion(2)));
+        b[8] = 3;
+        assert_eq!(Header::decode(&b), Err(HeaderError::UnsupportedVersion(3)));
         let mut b = good;
         b[20] ^= 1;
         assert_eq!(Header::decode(&b), Err(HeaderError::BadChecksum));

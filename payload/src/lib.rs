@@ -6,6 +6,7 @@
 //! - [`sign`]: OpenPGP signing and verification (sequoia, pure Rust).
 //! - [`container`]: reading and writing header, manifest and signature.
 //! - [`plan`]: the planner's pure decisions; [`make`] does its I/O.
+//! - [`bsdiff`]: the executable-friendly binary diff of `bsdiff` operations.
 //! - [`apply`]: streamed apply with checkpoints and read-back verification.
 //! - [`digest`]: segmented SHA-256 of images, on every core.
 //! - [`index`]: the signed release index and the choice of release.
@@ -15,6 +16,7 @@
 //! - [`verity`]: dm-verity hash trees: superblock, layout, verify, format.
 
 pub mod apply;
+pub mod bsdiff;
 pub mod container;
 pub mod digest;
 pub mod files;

@@ -13,9 +13,10 @@ use std::sync::Mutex;
 
 use crate::container::{write_payload, PayloadError};
 use crate::digest::{digest_file, sha256, worker_count};
+use crate::bsdiff;
 use crate::format::{
-    total_blocks, Blob, Component, Extent, ImageRef, Manifest, Operation, BLOCK_SIZE,
-    FORMAT_VERSION, MAX_OP_OUTPUT, MAX_REFERENCE_LEN,
+    self, total_blocks, Blob, Component, Extent, ImageRef, Manifest, Operation, BLOCK_SIZE,
+    MAX_BLOB_LEN, MAX_BSDIFF_BODY, MAX_OP_OUTPUT, MAX_REFERENCE_LEN,
 };
 use crate::plan::{self, AnchorIndex, BlockClass, Grouping, PlannedOp};
 use crate::sign::SigningKey;
@@ -53,6 +54,10 @@ pub struct MakeOptions {
     pub reference_blocks: u64,
     /// Name of the (single) component.
     pub component: String,
+    /// Also diff each changed chunk with bsdiff against its reference and
+    /// keep the smaller (format version 2; off for payloads that nodes
+    /// older than it must read).
+    pub bsdiff: bool,
 }
 
 impl Default for MakeOptions {
@@ -69,6 +74,7 @@ impl Default for MakeOptions {
             // within a few times the cost of compressing the chunk.
             reference_blocks: (MAX_OP_OUTPUT / BLOCK_SIZE).min(MAX_REFERENCE_LEN / BLOCK_SIZE),
             component: "usr".into(),
+            bsdiff: true,
         }
     }
 }
@@ -209,7 +215,7 @@ pub fn make_components(
         return Err(e);
     }
     let manifest = Manifest {
-        format_version: FORMAT_VERSION,
+        format_version: format::version_for(made.iter().flat_map(|c| &c.operations)),
         block_size: BLOCK_SIZE,
         target_version: target_version.to_owned(),
         source_version: source_version
@@ -301,7 +307,7 @@ fn make_component(
         progress,
     )?;
     for op in &mut operations {
-        if let Operation::Data { blob, .. } | Operation::Patch { blob, .. } = op {
+        if let Some(blob) = op.blob_mut() {
             blob.offset += base;
         }
     }
@@ -631,14 +637,34 @@ fn encode_literal(
         if !src.is_empty() {
             let reference = read_extents(s.file, &src).map_err(io_err("reading source blocks"))?;
             let blob = zstd_compress(&data, Some(&reference), opts.level)?;
-            best = Some((
-                Operation::Patch {
-                    dst: dst.to_vec(),
-                    src,
-                    blob: blob_of(&blob),
-                },
-                blob,
-            ));
+            if opts.bsdiff {
+                // The same reference, diffed as executables are: kept when
+                // it is smaller and fits the format's bounds.
+                let body = bsdiff::diff(&reference, &data);
+                if body.len() as u64 <= MAX_BSDIFF_BODY {
+                    let diffed = zstd_compress(&body, None, opts.level)?;
+                    if diffed.len() < blob.len() && diffed.len() as u64 <= MAX_BLOB_LEN {
+                        best = Some((
+                            Operation::Bsdiff {
+                                dst: dst.to_vec(),
+                                src: src.clone(),
+                                blob: blob_of(&diffed),
+                            },
+                            diffed,
+                        ));
+                    }
+                }
+            }
+            if best.is_none() {
+                best = Some((
+                    Operation::Patch {
+                        dst: dst.to_vec(),
+                        src,
+                        blob: blob_of(&blob),
+                    },
+                    blob,
+                ));
+            }
         }
     }
     // A patch that saves under a tenth may lose to plain compression (its
@@ -718,9 +744,7 @@ fn encode_all(
                     writer
                         .write_all(&blob)
                         .map_err(io_err("writing the data section"))?;
-                    if let Operation::Data { blob: b, .. } | Operation::Patch { blob: b, .. } =
-                        &mut operation
-                    {
+                    if let Some(b) = operation.blob_mut() {
                         b.offset = offset;
                     }
                     offset += blob.len() as u64;

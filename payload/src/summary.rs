@@ -25,6 +25,7 @@ pub struct ComponentSummary {
     pub copy: KindStats,
     pub data: KindStats,
     pub patch: KindStats,
+    pub bsdiff: KindStats,
 }
 
 /// Counts a manifest's operations.
@@ -43,6 +44,7 @@ pub fn summarize(manifest: &Manifest) -> Vec<ComponentSummary> {
                 copy: KindStats::default(),
                 data: KindStats::default(),
                 patch: KindStats::default(),
+                bsdiff: KindStats::default(),
             };
             for op in &c.operations {
                 let s = match op.kind() {
@@ -50,6 +52,7 @@ pub fn summarize(manifest: &Manifest) -> Vec<ComponentSummary> {
                     OpKind::Copy => &mut summary.copy,
                     OpKind::Data => &mut summary.data,
                     OpKind::Patch => &mut summary.patch,
+                    OpKind::Bsdiff => &mut summary.bsdiff,
                 };
                 s.operations += 1;
                 s.target_bytes += total_blocks(op.dst()) * BLOCK_SIZE;

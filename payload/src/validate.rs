@@ -4,8 +4,8 @@
 //! Pure: no I/O.
 
 use crate::format::{
-    total_blocks, Digest, Extent, Manifest, Operation, BLOCK_SIZE, DIGEST_SEGMENT, FORMAT_VERSION,
-    MAX_BLOB_LEN, MAX_COMPONENTS, MAX_IMAGE_SIZE, MAX_OP_OUTPUT, MAX_REFERENCE_LEN,
+    total_blocks, Digest, Extent, Header, Manifest, OpKind, Operation, BLOCK_SIZE, DIGEST_SEGMENT,
+    FORMAT_VERSION, MAX_BLOB_LEN, MIN_FORMAT_VERSION, MAX_COMPONENTS, MAX_IMAGE_SIZE, MAX_OP_OUTPUT, MAX_REFERENCE_LEN,
 };
 
 /// What is wrong with a manifest. Each names the component and operation.
@@ -13,8 +13,10 @@ use crate::format::{
 pub enum ManifestError {
     #[error("manifest is not valid JSON for format version {FORMAT_VERSION}: {0}")]
     Syntax(String),
-    #[error("manifest format version {0} is not supported")]
+    #[error("manifest format version {0} is not supported (this tandem reads versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION})")]
     Version(u32),
+    #[error("manifest format version {manifest} differs from the header's {header}")]
+    HeaderVersion { manifest: u32, header: u32 },
     #[error("manifest block size {0} is not 4096")]
     BlockSize(u64),
     #[error("manifest has {0} components (must be 1 to {MAX_COMPONENTS})")]
@@ -71,18 +73,24 @@ pub enum ManifestError {
     DataLayout { end: u64, data_len: u64 },
 }
 
-/// Parses manifest bytes and validates them; `header_data_len` is the data
-/// section length the header declared.
-pub fn parse_and_validate(bytes: &[u8], header_data_len: u64) -> Result<Manifest, ManifestError> {
+/// Parses manifest bytes and validates them against the header they came
+/// with (its format version and data section length).
+pub fn parse_and_validate(bytes: &[u8], header: &Header) -> Result<Manifest, ManifestError> {
     let manifest: Manifest =
         serde_json::from_slice(bytes).map_err(|e| ManifestError::Syntax(e.to_string()))?;
-    validate(&manifest, header_data_len)?;
+    if manifest.format_version != header.version {
+        return Err(ManifestError::HeaderVersion {
+            manifest: manifest.format_version,
+            header: header.version,
+        });
+    }
+    validate(&manifest, header.data_len)?;
     Ok(manifest)
 }
 
 /// Validates a parsed manifest.
 pub fn validate(m: &Manifest, header_data_len: u64) -> Result<(), ManifestError> {
-    if m.format_version != FORMAT_VERSION {
+    if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&m.format_version) {
         return Err(ManifestError::Version(m.format_version));
     }
     if m.block_size != BLOCK_SIZE {
@@ -133,6 +141,12 @@ pub fn validate(m: &Manifest, header_data_len: u64) -> Result<(), ManifestError>
                 problem,
             };
             check_op(op, target_blocks, source_blocks).map_err(bad)?;
+            if m.format_version < 2 && op.kind() == OpKind::Bsdiff {
+                return Err(bad(format!(
+                    "a bsdiff operation needs format version 2, the manifest is version {}",
+                    m.format_version
+                )));
+            }
             if let Some(blob) = op.blob() {
                 if blob.offset != blob_end {
                     return Err(bad(format!(
@@ -202,7 +216,10 @@ fn check_op(op: &Operation, target_blocks: u64, source_blocks: Option<u64>) -> R
     check_extents(dst, target_blocks, "destination")?;
     let dst_blocks = total_blocks(dst);
     let src = op.src();
-    if matches!(op, Operation::Copy { .. } | Operation::Patch { .. }) {
+    if matches!(
+        op,
+        Operation::Copy { .. } | Operation::Patch { .. } | Operation::Bsdiff { .. }
+    ) {
         let Some(source_blocks) = source_blocks else {
             return Err("reads a source, but the component has none".into());
         };
@@ -221,7 +238,7 @@ fn check_op(op: &Operation, target_blocks: u64, source_blocks: Option<u64>) -> R
                 ));
             }
         }
-        Operation::Data { .. } | Operation::Patch { .. } => {
+        Operation::Data { .. } | Operation::Patch { .. } | Operation::Bsdiff { .. } => {
             if dst_blocks * BLOCK_SIZE > MAX_OP_OUTPUT {
                 return Err(format!(
                     "writes {} bytes, over the limit of {MAX_OP_OUTPUT} per blob",

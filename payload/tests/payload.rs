@@ -543,6 +543,7 @@ fn absurd_header_lengths_are_refused_without_allocating() {
         (1 << 40, 10, 10),
     ] {
         let header = payload::format::Header {
+            version: 1,
             manifest_len,
             signature_len,
             data_len,
@@ -559,6 +560,7 @@ fn absurd_header_lengths_are_refused_without_allocating() {
     // A header that claims a large (allowed) manifest on a short stream is
     // a truncation, found without reserving the claimed size.
     let header = payload::format::Header {
+        version: 1,
         manifest_len: 60 << 20,
         signature_len: 100,
         data_len: 0,
@@ -654,4 +656,119 @@ fn a_stale_checkpoint_as_a_crash_leaves_it_still_resumes_correctly() {
     };
     assert_eq!(report.resumed_at_op, stale.next_op);
     assert!(fs::read(&slot).unwrap() == f.target);
+}
+
+/// A 4 MiB "executable" and its rebuild: the same bytes with a 4-byte
+/// field changed every 256 bytes (shifted addresses) and 12 KiB inserted,
+/// so no block of the rebuild repeats a block of the old one.
+fn rebuilt_executable(f: &Fixture) -> (PathBuf, PathBuf, Vec<u8>) {
+    const MIB: usize = 1 << 20;
+    let old = tandem_testkit::noise(40, 4 * MIB);
+    let mut new = old[..MIB].to_vec();
+    new.extend(tandem_testkit::noise(41, 12 << 10));
+    new.extend_from_slice(&old[MIB..4 * MIB - (12 << 10)]);
+    for i in (100..new.len()).step_by(256) {
+        let v = u32::from_le_bytes(new[i..i + 4].try_into().unwrap()).wrapping_add(0x1000);
+        new[i..i + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    let (src, dst) = (f.path("old-exe.img"), f.path("new-exe.img"));
+    fs::write(&src, &old).unwrap();
+    fs::write(&dst, &new).unwrap();
+    (src, dst, new)
+}
+
+fn make_from(f: &Fixture, source: &Path, target: &Path, opts: &MakeOptions, out: &str) -> Manifest {
+    payload::make_payload(
+        ImageInput {
+            path: target,
+            version: "2.0",
+        },
+        Some(ImageInput {
+            path: source,
+            version: "1.0",
+        }),
+        &f.key,
+        opts,
+        &f.path(out),
+        &|_| {},
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_rebuilt_executable_ships_as_bsdiff_operations_in_format_version_2() {
+    let f = fixture("bsdiff");
+    let (old, new_path, new) = rebuilt_executable(&f);
+    let with = make_from(&f, &old, &new_path, &options(), "bsdiff.tpl");
+    let without = make_from(
+        &f,
+        &old,
+        &new_path,
+        &MakeOptions {
+            bsdiff: false,
+            ..options()
+        },
+        "patch.tpl",
+    );
+    let stats = &payload::summary::summarize(&with)[0];
+    assert!(stats.bsdiff.operations > 0, "{stats:?}");
+    assert_eq!(with.format_version, 2);
+    assert_eq!(without.format_version, 1, "no bsdiff op, the oldest format");
+    let (a, b) = (
+        fs::metadata(f.path("bsdiff.tpl")).unwrap().len(),
+        fs::metadata(f.path("patch.tpl")).unwrap().len(),
+    );
+    eprintln!("rebuilt 4 MiB executable: bsdiff delta {a} bytes, zstd patch delta {b} bytes");
+    assert!(a * 2 < b, "bsdiff {a} patch {b}");
+    let bytes = fs::read(f.path("bsdiff.tpl")).unwrap();
+    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2);
+    let slot = f.path("exe-slot");
+    fs::write(&slot, vec![0xa5u8; new.len()]).unwrap();
+    let apply = |payload: &[u8]| {
+        payload::apply(
+            Cursor::new(payload),
+            &f.keyring,
+            &[ComponentPaths {
+                component: "usr".into(),
+                target: slot.clone(),
+                target_range: None,
+                source: Some(old.clone()),
+                source_range: None,
+            }],
+            &ApplyOptions::default(),
+            &mut |_| ControlFlow::Continue(()),
+        )
+    };
+    apply(&bytes).unwrap();
+    assert!(fs::read(&slot).unwrap() == new);
+
+    // A signed manifest whose bsdiff operation points at other source
+    // blocks: every blob verifies, the output is wrong, and the apply
+    // stops with an error (the read-back, or the patch running outside
+    // its reference) instead of completing.
+    let bad = resign(&f, &bytes, |m| {
+        let op = m.components[0]
+            .operations
+            .iter_mut()
+            .find(|op| matches!(op, Operation::Bsdiff { .. }))
+            .unwrap();
+        if let Operation::Bsdiff { src, .. } = op {
+            let start = if src[0].0 > 0 { src[0].0 - 1 } else { src[0].0 + 1 };
+            src[0] = Extent(start, src[0].1);
+        }
+    });
+    fs::write(&slot, vec![0xa5u8; new.len()]).unwrap();
+    let err = apply(&bad).unwrap_err();
+    assert!(
+        matches!(err, ApplyError::ReadBack { .. } | ApplyError::Decode { .. }),
+        "{err}"
+    );
+
+    // The same manifest claiming format version 1 is refused before
+    // anything is written: version 1 has no bsdiff operation.
+    let old_format = resign(&f, &bytes, |m| m.format_version = 1);
+    fs::write(&slot, vec![0xa5u8; new.len()]).unwrap();
+    let err = apply(&old_format).unwrap_err();
+    assert!(err.to_string().contains("needs format version 2"), "{err}");
+    assert!(fs::read(&slot).unwrap().iter().all(|&b| b == 0xa5));
 }

@@ -1252,6 +1252,18 @@ impl Engine {
                     let next = job.clone();
                     self.update(|p| p.job = Some(next))?;
                 }
+                Err(EngineError::Apply(e))
+                    if e.is_unknown_format() && job.current + 1 < job.candidates.len() =>
+                {
+                    self.record(
+                        "fallback",
+                        job.version.as_deref(),
+                        format!("this tandem cannot read the delta ({e}); using the full payload"),
+                    );
+                    job.current += 1;
+                    let next = job.clone();
+                    self.update(|p| p.job = Some(next))?;
+                }
                 Err(e) => return Err(e),
             }
         }

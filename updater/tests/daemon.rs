@@ -74,6 +74,33 @@ fn the_full_payload_is_used_without_a_delta_or_when_the_source_differs() {
     assert!(server.log_of("full-2.0.0.tpl").len() > before_full);
     assert!(node.history_kinds().contains(&"fallback".to_string()));
     assert_eq!(node.status()["state"], "updated-need-reboot");
+    drop(node);
+
+    // A delta in a format version this tandem does not read (as an older
+    // node sees a newer format): refused before writing, the full payload
+    // taken instead.
+    rel.publish(3, vec![rel.release("2.0.0", true)], in_days(7), None);
+    let delta = rel.www.join("delta-1.0.0-2.0.0.tpl");
+    let mut bytes = fs::read(&delta).unwrap();
+    let mut head = [0u8; payload::format::HEADER_LEN];
+    head.copy_from_slice(&bytes[..payload::format::HEADER_LEN]);
+    let future = payload::format::Header {
+        version: payload::format::FORMAT_VERSION + 1,
+        ..payload::format::Header::decode(&head).unwrap()
+    };
+    bytes[..payload::format::HEADER_LEN].copy_from_slice(&future.encode());
+    fs::write(&delta, &bytes).unwrap();
+    let mut node = Node::new(&server, &rel);
+    node.start();
+    let before_full = server.log_of("full-2.0.0.tpl").len();
+    node.ctl_ok(&["apply"]);
+    node.assert_staged_v2(&rel);
+    assert!(server.log_of("full-2.0.0.tpl").len() > before_full);
+    let said = node.ctl_ok(&["history", "--json"]);
+    assert!(
+        said.contains("cannot read the delta") && said.contains("format version"),
+        "{said}"
+    );
 }
 
 #[test]
