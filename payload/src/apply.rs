@@ -808,10 +808,8 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
                     crate::bsdiff::apply(&old, &body, out_len as usize)
                         .map_err(|e| decode(format!("bsdiff: {e}")))?
                 }
-                (_, reference) => {
-                    zstd_decompress(&bytes, reference.as_deref(), out_len as usize)
-                        .map_err(decode)?
-                }
+                (_, reference) => zstd_decompress(&bytes, reference.as_deref(), out_len as usize)
+                    .map_err(decode)?,
             };
             write_extents(&slot.target, dst, &out).map_err(write_err())?;
         }
@@ -847,7 +845,9 @@ pub fn zstd_decompress_bounded(blob: &[u8], limit: usize) -> Result<Vec<u8>, Str
         Err(_) => return Err("not a zstd frame".into()),
     };
     if size > limit as u64 {
-        return Err(format!("the frame holds {size} bytes, over the limit of {limit}"));
+        return Err(format!(
+            "the frame holds {size} bytes, over the limit of {limit}"
+        ));
     }
     zstd_decompress(blob, None, size as usize)
 }

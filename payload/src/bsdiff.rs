@@ -143,7 +143,8 @@ pub fn diff(old: &[u8], new: &[u8]) -> Vec<u8> {
             let overlap = (last_scan + len_f) - (scan - len_b);
             let (mut s, mut best, mut len_s) = (0i64, 0i64, 0i64);
             for i in 0..overlap {
-                if at(new, last_scan + len_f - overlap + i) == at(old, last_pos + len_f - overlap + i)
+                if at(new, last_scan + len_f - overlap + i)
+                    == at(old, last_pos + len_f - overlap + i)
                 {
                     s += 1;
                 }
@@ -159,9 +160,8 @@ pub fn diff(old: &[u8], new: &[u8]) -> Vec<u8> {
             len_b -= len_s;
         }
         diff_bytes.clear();
-        diff_bytes.extend((0..len_f).map(|i| {
-            at(new, last_scan + i).wrapping_sub(at(old, last_pos + i))
-        }));
+        diff_bytes
+            .extend((0..len_f).map(|i| at(new, last_scan + i).wrapping_sub(at(old, last_pos + i))));
         let extra = &new[(last_scan + len_f) as usize..(scan - len_b) as usize];
         let seek = (pos - len_b) - (last_pos + len_f);
         push_record(&mut out, &diff_bytes, extra, seek);

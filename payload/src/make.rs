@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::bsdiff;
 use crate::container::{write_payload, PayloadError};
 use crate::digest::{digest_file, sha256, worker_count};
-use crate::bsdiff;
 use crate::format::{
     self, total_blocks, Blob, Component, Extent, ImageRef, Manifest, Operation, BLOCK_SIZE,
     MAX_BLOB_LEN, MAX_BSDIFF_BODY, MAX_OP_OUTPUT, MAX_REFERENCE_LEN,

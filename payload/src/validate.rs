@@ -5,7 +5,8 @@
 
 use crate::format::{
     total_blocks, Digest, Extent, Header, Manifest, OpKind, Operation, BLOCK_SIZE, DIGEST_SEGMENT,
-    FORMAT_VERSION, MAX_BLOB_LEN, MIN_FORMAT_VERSION, MAX_COMPONENTS, MAX_IMAGE_SIZE, MAX_OP_OUTPUT, MAX_REFERENCE_LEN,
+    FORMAT_VERSION, MAX_BLOB_LEN, MAX_COMPONENTS, MAX_IMAGE_SIZE, MAX_OP_OUTPUT, MAX_REFERENCE_LEN,
+    MIN_FORMAT_VERSION,
 };
 
 /// What is wrong with a manifest. Each names the component and operation.

@@ -753,7 +753,11 @@ fn a_rebuilt_executable_ships_as_bsdiff_operations_in_format_version_2() {
             .find(|op| matches!(op, Operation::Bsdiff { .. }))
             .unwrap();
         if let Operation::Bsdiff { src, .. } = op {
-            let start = if src[0].0 > 0 { src[0].0 - 1 } else { src[0].0 + 1 };
+            let start = if src[0].0 > 0 {
+                src[0].0 - 1
+            } else {
+                src[0].0 + 1
+            };
             src[0] = Extent(start, src[0].1);
         }
     });

@@ -159,6 +159,7 @@ pub fn build(
     let delta = www.join("delta-1.0.0-2.0.0.tpl");
     run(Command::new(&bins.tandem_release)
         .args(["full", "-q", "--version", "2.0.0", "--image"])
+        .args(crate::build::FAST_PAYLOADS)
         .arg(&v2.image)
         .arg("--verity-hash")
         .arg(&v2.hash)
@@ -177,6 +178,7 @@ pub fn build(
             "--source-version",
             "1.0.0",
         ])
+        .args(crate::build::FAST_PAYLOADS)
         .arg("--image")
         .arg(&v2.image)
         .arg("--verity-hash")

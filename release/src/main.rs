@@ -125,6 +125,10 @@ struct MakeCommon {
     /// Name of the component the image is.
     #[arg(long, default_value = "usr")]
     component: String,
+    /// Make no bsdiff operations: a delta in payload format version 1, for
+    /// nodes whose tandem predates format version 2.
+    #[arg(long)]
+    no_bsdiff: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -495,6 +499,7 @@ fn make(
     let mut opts = MakeOptions {
         level: common.level,
         component: common.component.clone(),
+        bsdiff: !common.no_bsdiff,
         ..MakeOptions::default()
     };
     if let Some(t) = common.threads {
@@ -603,6 +608,7 @@ fn print_components(components: &[payload::summary::ComponentSummary]) {
             ("copy", c.copy),
             ("data", c.data),
             ("patch", c.patch),
+            ("bsdiff", c.bsdiff),
         ] {
             println!(
                 "  {:<6} {:>8} {:>14} {:>14}",
