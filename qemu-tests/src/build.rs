@@ -450,8 +450,9 @@ fn release_disk(set: &Path, built: &Built, bins: &Binaries, key: &Path) -> Resul
     for version in VERSIONS {
         let full = www.join(format!("full-{version}.tpl"));
         run(Command::new(&bins.tandem_release)
-            .args(["full", "--image"])
+            .arg("full")
             .args(FAST_PAYLOADS)
+            .arg("--image")
             .arg(image(version)?)
             .args(["--version", version, "--key"])
             .arg(key)
