@@ -158,8 +158,9 @@ pub fn build(
     let full = www.join("full-2.0.0.tpl");
     let delta = www.join("delta-1.0.0-2.0.0.tpl");
     run(Command::new(&bins.tandem_release)
-        .args(["full", "-q", "--version", "2.0.0", "--image"])
+        .args(["full", "-q", "--version", "2.0.0"])
         .args(crate::build::FAST_PAYLOADS)
+        .arg("--image")
         .arg(&v2.image)
         .arg("--verity-hash")
         .arg(&v2.hash)
