@@ -317,10 +317,10 @@ pub fn bench(repo: &Path, cache: &Path) -> Result<()> {
     };
     let goals = vec![
         goal(
-            "delta size <= zstd --patch-from size",
+            "delta size <= 0.5x zstd --patch-from size",
             format!("{} vs {}", mb(td.payload_bytes), mb(zp.payload_bytes)),
             td.payload_bytes as f64 / zp.payload_bytes as f64,
-            1.0,
+            0.5,
         ),
         goal(
             "delta apply time <= 2x zstd -d of the full image",
