@@ -470,4 +470,43 @@ mod tests {
             Err(ManifestError::Digest { .. })
         ));
     }
+
+    #[test]
+    fn format_versions_gate_the_bsdiff_operation_and_must_match_the_header() {
+        let bsdiff_ops = || {
+            let mut ops = good_ops();
+            ops[3] = Operation::Bsdiff {
+                dst: vec![Extent(6, 3)],
+                src: vec![Extent(0, 8)],
+                blob: blob(10, 5),
+            };
+            ops
+        };
+        let err = validate(&delta(bsdiff_ops(), 15), 15).unwrap_err();
+        assert!(err.to_string().contains("needs format version 2"), "{err}");
+        let mut m = delta(bsdiff_ops(), 15);
+        m.format_version = 2;
+        assert_eq!(validate(&m, 15), Ok(()));
+        for version in [0, 3] {
+            m.format_version = version;
+            assert_eq!(validate(&m, 15), Err(ManifestError::Version(version)));
+        }
+        // The header and the manifest must name the same version.
+        m.format_version = 2;
+        let bytes = serde_json::to_vec(&m).unwrap();
+        let header = |version| Header {
+            version,
+            manifest_len: bytes.len() as u64,
+            signature_len: 1,
+            data_len: 15,
+        };
+        assert!(parse_and_validate(&bytes, &header(2)).is_ok());
+        assert_eq!(
+            parse_and_validate(&bytes, &header(1)),
+            Err(ManifestError::HeaderVersion {
+                manifest: 2,
+                header: 1
+            })
+        );
+    }
 }
