@@ -1238,27 +1238,24 @@ impl Engine {
                 Ok((written, downloaded, resumed)) => {
                     return self.finish(&job, &source, written, downloaded, resumed)
                 }
-                Err(EngineError::Apply(ApplyError::WrongSource {
-                    expected, found, ..
-                })) if job.current + 1 < job.candidates.len() => {
-                    self.record(
-                        "fallback",
-                        job.version.as_deref(),
-                        format!(
-                            "slot {booted} is not the delta's source (SHA-256 {found}, the delta needs {expected}); using the full payload"
+                Err(EngineError::Apply(e)) if job.current + 1 < job.candidates.len() => {
+                    // A delta this node cannot use, found before writing:
+                    // the next candidate is the full payload.
+                    let why = match &e {
+                        ApplyError::WrongSource {
+                            expected, found, ..
+                        } => format!(
+                            "slot {booted} is not the delta's source (SHA-256 {found}, the delta needs {expected})"
                         ),
-                    );
-                    job.current += 1;
-                    let next = job.clone();
-                    self.update(|p| p.job = Some(next))?;
-                }
-                Err(EngineError::Apply(e))
-                    if e.is_unknown_format() && job.current + 1 < job.candidates.len() =>
-                {
+                        e if e.is_unknown_format() => {
+                            format!("this tandem cannot read the delta ({e})")
+                        }
+                        _ => return Err(EngineError::Apply(e)),
+                    };
                     self.record(
                         "fallback",
                         job.version.as_deref(),
-                        format!("this tandem cannot read the delta ({e}); using the full payload"),
+                        format!("{why}; using the full payload"),
                     );
                     job.current += 1;
                     let next = job.clone();
