@@ -107,9 +107,12 @@ use std::path::PathBuf;
 use bootconfig::ukidir::UkiDir;
 use payload::make::ComponentInput;
 
-fn acl_parts(rel: &common::Releases, node: &Node) -> AclParts {
-    let dir = tandem_testkit::TempDir::new("acl-parts");
-    let d = dir.path();
+/// The two releases' USR images in `d` and their hash trees made by
+/// `veritysetup format`, with the root hashes it printed.
+fn usr_and_trees(
+    rel: &common::Releases,
+    d: &std::path::Path,
+) -> ([PathBuf; 2], [PathBuf; 2], [String; 2]) {
     let usr = [d.join("v1.img"), d.join("v2.img")];
     fs::write(&usr[0], &rel.v1).unwrap();
     fs::write(&usr[1], &rel.v2).unwrap();
@@ -118,6 +121,13 @@ fn acl_parts(rel: &common::Releases, node: &Node) -> AclParts {
         tandem_testkit::veritysetup_format(&usr[0], &hash[0]),
         tandem_testkit::veritysetup_format(&usr[1], &hash[1]),
     ];
+    (usr, hash, root)
+}
+
+fn acl_parts(rel: &common::Releases, node: &Node) -> AclParts {
+    let dir = tandem_testkit::TempDir::new("acl-parts");
+    let d = dir.path();
+    let (usr, hash, root) = usr_and_trees(rel, d);
     let kernel = tandem_testkit::noise(11, 300_000);
     let versions = ["1.0.0", "2.0.0"];
     let uki = [0, 1].map(|i| {
@@ -366,14 +376,7 @@ fn flatcar_node(rel: &common::Releases, server: &HttpServer) -> (Node, FlatcarPa
     let node = Node::new(server, rel);
     let dir = tandem_testkit::TempDir::new("flatcar-parts");
     let d = dir.path();
-    let usr = [d.join("v1.img"), d.join("v2.img")];
-    fs::write(&usr[0], &rel.v1).unwrap();
-    fs::write(&usr[1], &rel.v2).unwrap();
-    let hash = [d.join("v1.hash"), d.join("v2.hash")];
-    let root = [
-        tandem_testkit::veritysetup_format(&usr[0], &hash[0]),
-        tandem_testkit::veritysetup_format(&usr[1], &hash[1]),
-    ];
+    let (usr, hash, root) = usr_and_trees(rel, d);
     // The two kernels differ a little, as releases' kernels do.
     let kernel = [
         flatcar_kernel(d, "vmlinuz-1", 21, &root[0]),
