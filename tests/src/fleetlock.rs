@@ -36,13 +36,32 @@ pub struct FleetlockServer {
     stop: Arc<AtomicBool>,
 }
 
-/// A free port on 127.0.0.1, for a server that starts later.
+/// Where [`free_port`] looks: below Linux's default ephemeral range
+/// (32768–60999), so that no outgoing connection of any process takes a
+/// port between the time it is chosen and the time its server listens.
+const PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// A free port on 127.0.0.1, for a server that starts later (or restarts
+/// on the same port). Ports come from [`PORTS`], never handed out twice by
+/// one process, starting at an offset derived from the process ID so that
+/// test processes running side by side do not meet; each is checked free
+/// by binding it. (A port the kernel picks for `:0` is an ephemeral one,
+/// which any connection may take before the server binds it: kube-apiserver
+/// once failed to start on CI with "address already in use".)
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(PORTS.end - PORTS.start);
+    let base = std::process::id().wrapping_mul(2654435761) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let offset = u16::try_from((base + n) % span).expect("span fits u16");
+        let port = PORTS.start + offset;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {PORTS:?}")
 }
 
 impl FleetlockServer {
