@@ -22,6 +22,7 @@ use crate::container::{PayloadError, PayloadHead};
 use crate::digest::{digest_file, sha256, worker_count};
 use crate::format::{
     total_blocks, Extent, ImageRef, Manifest, Operation, Sha256Hex, BLOCK_SIZE, MAX_BSDIFF_BODY,
+    MAX_RECIPE_BODY,
 };
 use crate::make::read_extents;
 use crate::region::{ByteRange, Region};
@@ -75,6 +76,11 @@ pub enum ApplyError {
     BlobHash { op: usize, offset: u64, end: u64 },
     #[error("operation {op}: zstd could not decode the blob: {reason}")]
     Decode { op: usize, reason: String },
+    #[error("operation {op} (recompress): {error}")]
+    Recompress {
+        op: usize,
+        error: crate::recompress::RecompressError,
+    },
     #[error("component {component}: target {path} does not read back as the signed image (SHA-256 {found}, expected {expected}); do not boot it")]
     ReadBack {
         component: String,
@@ -88,7 +94,8 @@ pub enum ApplyError {
 
 impl ApplyError {
     /// The payload is in a format (version or operation kind) this tandem
-    /// does not read: found before anything was written. A node then takes
+    /// does not read, or re-creates a zstd stream with another libzstd than
+    /// this tandem's: found before anything was written. A node then takes
     /// the release's full payload, which is written in the oldest format
     /// that holds it.
     pub fn is_unknown_format(&self) -> bool {
@@ -98,7 +105,11 @@ impl ApplyError {
             self,
             ApplyError::Payload(
                 PayloadError::Header(HeaderError::UnsupportedVersion(_))
-                    | PayloadError::Manifest(ManifestError::Version(_) | ManifestError::Syntax(_))
+                    | PayloadError::Manifest(
+                        ManifestError::Version(_)
+                            | ManifestError::Syntax(_)
+                            | ManifestError::Encoder { .. }
+                    )
             )
         )
     }
@@ -579,6 +590,26 @@ pub fn apply<R: PayloadReader>(
                 }
                 None => None,
             };
+            // A recompress operation reads target blocks that the
+            // operations before it write: it runs alone, after them.
+            let alone = matches!(op, Operation::Recompress { .. });
+            if alone {
+                while in_flight > 0 {
+                    match done_rx.recv() {
+                        Ok(r) => absorb(
+                            r,
+                            &mut in_flight,
+                            &mut failure,
+                            &mut done_bytes,
+                            &mut low_water,
+                        ),
+                        Err(_) => break,
+                    }
+                }
+                if failure.is_some() {
+                    break;
+                }
+            }
             let job = Job {
                 index,
                 slot,
@@ -619,6 +650,20 @@ pub fn apply<R: PayloadReader>(
                 break;
             }
             in_flight += 1;
+            if alone {
+                while in_flight > 0 {
+                    match done_rx.recv() {
+                        Ok(r) => absorb(
+                            r,
+                            &mut in_flight,
+                            &mut failure,
+                            &mut done_bytes,
+                            &mut low_water,
+                        ),
+                        Err(_) => break,
+                    }
+                }
+            }
         }
         drop(job_tx);
         while in_flight > 0 {
@@ -812,6 +857,39 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
                     .map_err(decode)?,
             };
             write_extents(&slot.target, dst, &out).map_err(write_err())?;
+        }
+        Operation::Recompress {
+            content_len,
+            encoder,
+            chunks,
+            blob,
+            ..
+        } => {
+            let bytes = job.blob.unwrap_or_default();
+            if sha256(&bytes) != blob.sha256 {
+                return Err(ApplyError::BlobHash {
+                    op: job.index,
+                    offset: blob.offset,
+                    end: blob.offset + blob.len,
+                });
+            }
+            let body =
+                zstd_decompress_bounded(&bytes, MAX_RECIPE_BODY as usize).map_err(|reason| {
+                    ApplyError::Decode {
+                        op: job.index,
+                        reason,
+                    }
+                })?;
+            let failed = |error| ApplyError::Recompress {
+                op: job.index,
+                error,
+            };
+            let recipe = crate::recompress::Recipe::parse(&body, *content_len, slot.image.size)
+                .map_err(failed)?;
+            let read = |buf: &mut [u8], offset: u64| slot.target.read_exact_at(buf, offset);
+            let write = |buf: &[u8], offset: u64| slot.target.write_all_at(buf, offset);
+            crate::recompress::rebuild(&recipe, encoder, *content_len, dst, chunks, &read, &write)
+                .map_err(failed)?;
         }
     }
     Ok(out_len)

@@ -9,19 +9,19 @@ use serde::{Deserialize, Serialize};
 /// First eight bytes of every payload.
 pub const MAGIC: [u8; 8] = *b"TNDMPAY\0";
 /// The newest format version this code reads and writes. Version 2 adds
-/// the `bsdiff` operation; a payload without one is written as version 1,
-/// which every tandem reads.
-pub const FORMAT_VERSION: u32 = 2;
+/// the `bsdiff` operation, version 3 the `recompress` operation; a payload
+/// is written in the lowest version that has every kind it uses, so one
+/// without either is version 1, which every tandem reads.
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this code reads.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 /// The version of a manifest whose operations are `ops`: the lowest that
 /// has every kind they use.
 pub fn version_for<'a>(ops: impl IntoIterator<Item = &'a Operation>) -> u32 {
-    if ops.into_iter().any(|op| op.kind() == OpKind::Bsdiff) {
-        2
-    } else {
-        MIN_FORMAT_VERSION
-    }
+    ops.into_iter()
+        .map(|op| op.kind().format_version())
+        .max()
+        .unwrap_or(MIN_FORMAT_VERSION)
 }
 /// Size of the fixed header in bytes.
 pub const HEADER_LEN: usize = 64;
@@ -45,6 +45,17 @@ pub const MAX_BLOB_LEN: u64 = MAX_OP_OUTPUT + (64 << 10);
 /// Largest decompressed patch body of one bsdiff operation: its output and
 /// the records' headers.
 pub const MAX_BSDIFF_BODY: u64 = 2 * MAX_OP_OUTPUT;
+/// Largest output of one recompress operation (its destination blocks).
+/// Its memory does not grow with it: the output streams out in
+/// [`RECOMPRESS_CHUNK`]s.
+pub const MAX_RECOMPRESS_OUTPUT: u64 = 1 << 30;
+/// Largest uncompressed content one recompress operation builds.
+pub const MAX_RECOMPRESS_CONTENT: u64 = 4 << 30;
+/// A recompress operation's output is hashed, and written, in pieces of
+/// this size.
+pub const RECOMPRESS_CHUNK: u64 = 1 << 20;
+/// Largest decompressed recipe of one recompress operation.
+pub const MAX_RECIPE_BODY: u64 = 16 << 20;
 /// Most components one payload may carry.
 pub const MAX_COMPONENTS: usize = 16;
 /// Segment size of an image digest (see [`Digest`]).
@@ -341,6 +352,37 @@ pub enum Operation {
         src: Vec<Extent>,
         blob: Blob,
     },
+    /// A zstd stream re-created on the node: its uncompressed content is
+    /// rebuilt from the recipe in the blob (pieces of the target image,
+    /// written by the operations before it, and literal bytes), then
+    /// compressed with `encoder`, which must be this node's libzstd; each
+    /// [`RECOMPRESS_CHUNK`] of the `dst` blocks is checked against `chunks`
+    /// before it is written. Format version 3; see [`crate::recompress`].
+    Recompress {
+        dst: Vec<Extent>,
+        /// Bytes of the content the recipe builds.
+        content_len: u64,
+        encoder: ZstdEncoder,
+        /// SHA-256 of each [`RECOMPRESS_CHUNK`] of the `dst` bytes, in order
+        /// (the last may be shorter).
+        chunks: Vec<Sha256Hex>,
+        blob: Blob,
+    },
+}
+
+/// The zstd encoder a recompress operation must run: the library version
+/// (`ZSTD_versionNumber`, e.g. 10504 for 1.5.4) and the parameters that
+/// decide its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZstdEncoder {
+    pub version: u32,
+    pub level: i32,
+    /// 0: single-threaded mode; 1 or more: multi-threaded mode, whose
+    /// output is the same for any number of workers (and differs from
+    /// single-threaded mode).
+    pub workers: u32,
+    pub checksum: bool,
 }
 
 impl Operation {
@@ -350,7 +392,8 @@ impl Operation {
             | Operation::Copy { dst, .. }
             | Operation::Data { dst, .. }
             | Operation::Patch { dst, .. }
-            | Operation::Bsdiff { dst, .. } => dst,
+            | Operation::Bsdiff { dst, .. }
+            | Operation::Recompress { dst, .. } => dst,
         }
     }
 
@@ -359,7 +402,7 @@ impl Operation {
             Operation::Copy { src, .. }
             | Operation::Patch { src, .. }
             | Operation::Bsdiff { src, .. } => src,
-            Operation::Zero { .. } | Operation::Data { .. } => &[],
+            Operation::Zero { .. } | Operation::Data { .. } | Operation::Recompress { .. } => &[],
         }
     }
 
@@ -367,7 +410,8 @@ impl Operation {
         match self {
             Operation::Data { blob, .. }
             | Operation::Patch { blob, .. }
-            | Operation::Bsdiff { blob, .. } => Some(blob),
+            | Operation::Bsdiff { blob, .. }
+            | Operation::Recompress { blob, .. } => Some(blob),
             Operation::Zero { .. } | Operation::Copy { .. } => None,
         }
     }
@@ -379,6 +423,7 @@ impl Operation {
             Operation::Data { .. } => OpKind::Data,
             Operation::Patch { .. } => OpKind::Patch,
             Operation::Bsdiff { .. } => OpKind::Bsdiff,
+            Operation::Recompress { .. } => OpKind::Recompress,
         }
     }
 
@@ -387,7 +432,8 @@ impl Operation {
         match self {
             Operation::Data { blob, .. }
             | Operation::Patch { blob, .. }
-            | Operation::Bsdiff { blob, .. } => Some(blob),
+            | Operation::Bsdiff { blob, .. }
+            | Operation::Recompress { blob, .. } => Some(blob),
             Operation::Zero { .. } | Operation::Copy { .. } => None,
         }
     }
@@ -402,6 +448,18 @@ pub enum OpKind {
     Data,
     Patch,
     Bsdiff,
+    Recompress,
+}
+
+impl OpKind {
+    /// The first format version that has this kind.
+    pub fn format_version(self) -> u32 {
+        match self {
+            OpKind::Zero | OpKind::Copy | OpKind::Data | OpKind::Patch => 1,
+            OpKind::Bsdiff => 2,
+            OpKind::Recompress => 3,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -432,8 +490,8 @@ mod tests {
         b[0] = b'X';
         assert_eq!(Header::decode(&b), Err(HeaderError::BadMagic));
         let mut b = good;
-        b[8] = 3;
-        assert_eq!(Header::decode(&b), Err(HeaderError::UnsupportedVersion(3)));
+        b[8] = 4;
+        assert_eq!(Header::decode(&b), Err(HeaderError::UnsupportedVersion(4)));
         let mut b = good;
         b[20] ^= 1;
         assert_eq!(Header::decode(&b), Err(HeaderError::BadChecksum));

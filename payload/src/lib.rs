@@ -7,6 +7,7 @@
 //! - [`container`]: reading and writing header, manifest and signature.
 //! - [`plan`]: the planner's pure decisions; [`make`] does its I/O.
 //! - [`bsdiff`]: the executable-friendly binary diff of `bsdiff` operations.
+//! - [`recompress`]: zstd streams re-created on the node from a recipe.
 //! - [`apply`]: streamed apply with checkpoints and read-back verification.
 //! - [`digest`]: segmented SHA-256 of images, on every core.
 //! - [`index`]: the signed release index and the choice of release.
@@ -24,6 +25,7 @@ pub mod format;
 pub mod index;
 pub mod make;
 pub mod plan;
+pub mod recompress;
 pub mod region;
 pub mod sign;
 pub mod summary;

@@ -26,6 +26,7 @@ pub struct ComponentSummary {
     pub data: KindStats,
     pub patch: KindStats,
     pub bsdiff: KindStats,
+    pub recompress: KindStats,
 }
 
 /// Counts a manifest's operations.
@@ -45,6 +46,7 @@ pub fn summarize(manifest: &Manifest) -> Vec<ComponentSummary> {
                 data: KindStats::default(),
                 patch: KindStats::default(),
                 bsdiff: KindStats::default(),
+                recompress: KindStats::default(),
             };
             for op in &c.operations {
                 let s = match op.kind() {
@@ -53,6 +55,7 @@ pub fn summarize(manifest: &Manifest) -> Vec<ComponentSummary> {
                     OpKind::Data => &mut summary.data,
                     OpKind::Patch => &mut summary.patch,
                     OpKind::Bsdiff => &mut summary.bsdiff,
+                    OpKind::Recompress => &mut summary.recompress,
                 };
                 s.operations += 1;
                 s.target_bytes += total_blocks(op.dst()) * BLOCK_SIZE;

@@ -5,8 +5,9 @@
 
 use crate::format::{
     total_blocks, Digest, Extent, Header, Manifest, OpKind, Operation, BLOCK_SIZE, DIGEST_SEGMENT,
-    FORMAT_VERSION, MAX_BLOB_LEN, MAX_COMPONENTS, MAX_IMAGE_SIZE, MAX_OP_OUTPUT, MAX_REFERENCE_LEN,
-    MIN_FORMAT_VERSION,
+    FORMAT_VERSION, MAX_BLOB_LEN, MAX_COMPONENTS, MAX_IMAGE_SIZE, MAX_OP_OUTPUT,
+    MAX_RECOMPRESS_CONTENT, MAX_RECOMPRESS_OUTPUT, MAX_REFERENCE_LEN, MIN_FORMAT_VERSION,
+    RECOMPRESS_CHUNK,
 };
 
 /// What is wrong with a manifest. Each names the component and operation.
@@ -55,6 +56,13 @@ pub enum ManifestError {
         component: String,
         op: usize,
         problem: String,
+    },
+    #[error("component {component}, operation {op}: it re-creates a zstd stream with libzstd {}, this tandem has {} (the stream could not be reproduced)", version_name(.needs), version_name(.has))]
+    Encoder {
+        component: String,
+        op: usize,
+        needs: u32,
+        has: u32,
     },
     #[error("component {component}: destination blocks {first}..{end} are written twice")]
     Overlap {
@@ -142,11 +150,24 @@ pub fn validate(m: &Manifest, header_data_len: u64) -> Result<(), ManifestError>
                 problem,
             };
             check_op(op, target_blocks, source_blocks).map_err(bad)?;
-            if m.format_version < 2 && op.kind() == OpKind::Bsdiff {
+            let needs = op.kind().format_version();
+            if m.format_version < needs {
                 return Err(bad(format!(
-                    "a bsdiff operation needs format version 2, the manifest is version {}",
+                    "a {} operation needs format version {needs}, the manifest is version {}",
+                    kind_name(op.kind()),
                     m.format_version
                 )));
+            }
+            if let Operation::Recompress { encoder, .. } = op {
+                let has = crate::recompress::zstd_version();
+                if encoder.version != has {
+                    return Err(ManifestError::Encoder {
+                        component: c.name.clone(),
+                        op: i,
+                        needs: encoder.version,
+                        has,
+                    });
+                }
             }
             if let Some(blob) = op.blob() {
                 if blob.offset != blob_end {
@@ -168,6 +189,23 @@ pub fn validate(m: &Manifest, header_data_len: u64) -> Result<(), ManifestError>
         });
     }
     Ok(())
+}
+
+/// A `ZSTD_versionNumber` as "1.5.4".
+fn version_name(v: &u32) -> String {
+    let v = *v;
+    format!("{}.{}.{}", v / 10000, v / 100 % 100, v % 100)
+}
+
+fn kind_name(kind: OpKind) -> &'static str {
+    match kind {
+        OpKind::Zero => "zero",
+        OpKind::Copy => "copy",
+        OpKind::Data => "data",
+        OpKind::Patch => "patch",
+        OpKind::Bsdiff => "bsdiff",
+        OpKind::Recompress => "recompress",
+    }
 }
 
 fn valid_name(name: &str) -> bool {
@@ -236,6 +274,36 @@ fn check_op(op: &Operation, target_blocks: u64, source_blocks: Option<u64>) -> R
             if src_blocks != dst_blocks {
                 return Err(format!(
                     "copies {src_blocks} source blocks into {dst_blocks} destination blocks"
+                ));
+            }
+        }
+        Operation::Recompress {
+            content_len,
+            encoder,
+            chunks,
+            ..
+        } => {
+            let out = dst_blocks * BLOCK_SIZE;
+            if out > MAX_RECOMPRESS_OUTPUT {
+                return Err(format!(
+                    "writes {out} bytes, over the limit of {MAX_RECOMPRESS_OUTPUT} per recompress operation"
+                ));
+            }
+            if *content_len == 0 || *content_len > MAX_RECOMPRESS_CONTENT {
+                return Err(format!(
+                    "builds {content_len} bytes of content, not between 1 and {MAX_RECOMPRESS_CONTENT}"
+                ));
+            }
+            if chunks.len() as u64 != out.div_ceil(RECOMPRESS_CHUNK) {
+                return Err(format!(
+                    "has {} chunk hashes for {out} bytes in {RECOMPRESS_CHUNK}-byte chunks",
+                    chunks.len()
+                ));
+            }
+            if !(1..=22).contains(&encoder.level) || encoder.workers > 64 {
+                return Err(format!(
+                    "zstd level {} or {} workers is out of range",
+                    encoder.level, encoder.workers
                 ));
             }
         }
@@ -487,7 +555,7 @@ mod tests {
         let mut m = delta(bsdiff_ops(), 15);
         m.format_version = 2;
         assert_eq!(validate(&m, 15), Ok(()));
-        for version in [0, 3] {
+        for version in [0, 4] {
             m.format_version = version;
             assert_eq!(validate(&m, 15), Err(ManifestError::Version(version)));
         }
@@ -507,6 +575,57 @@ mod tests {
                 manifest: 2,
                 header: 1
             })
+        );
+    }
+
+    #[test]
+    fn a_recompress_operation_needs_version_3_this_libzstd_and_one_hash_per_chunk() {
+        let encoder = crate::format::ZstdEncoder {
+            version: crate::recompress::zstd_version(),
+            level: 9,
+            workers: 1,
+            checksum: true,
+        };
+        let ops = |encoder, chunks: usize| {
+            let mut ops = good_ops();
+            ops[3] = Operation::Recompress {
+                dst: vec![Extent(6, 3)],
+                content_len: 100_000,
+                encoder,
+                chunks: vec![Sha256Hex([3; 32]); chunks],
+                blob: blob(10, 5),
+            };
+            ops
+        };
+        let err = validate(&delta(ops(encoder, 1), 15), 15).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a recompress operation needs format version 3"),
+            "{err}"
+        );
+        let mut m = delta(ops(encoder, 1), 15);
+        m.format_version = 3;
+        assert_eq!(validate(&m, 15), Ok(()));
+        // 12 KiB of output is one 1 MiB chunk, not two.
+        m.components[0].operations = ops(encoder, 2);
+        let err = validate(&m, 15).unwrap_err();
+        assert!(err.to_string().contains("2 chunk hashes"), "{err}");
+        // Another libzstd would not reproduce the stream: refused as a
+        // format this node cannot read, so it takes the full payload.
+        let other = crate::format::ZstdEncoder {
+            version: 10507,
+            ..encoder
+        };
+        m.components[0].operations = ops(other, 1);
+        let err = validate(&m, 15).unwrap_err();
+        assert!(
+            matches!(err, ManifestError::Encoder { needs: 10507, .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("libzstd 1.5.7, this tandem has 1.5.4"),
+            "{err}"
         );
     }
 }
