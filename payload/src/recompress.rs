@@ -311,6 +311,68 @@ impl StreamCompressor {
     }
 }
 
+/// Feeds content to a compressor in the one pattern both the maker and the
+/// node use: whole [`FEED`]s with `ZSTD_e_continue`, the rest, then an
+/// empty `ZSTD_e_end`. (A single-threaded zstd's output can depend on how
+/// its input arrives; a multi-threaded one's does not.)
+struct Feeder<'z> {
+    z: &'z mut StreamCompressor,
+    buf: Vec<u8>,
+}
+
+/// The input size of every call but the last two.
+const FEED: usize = 1 << 20;
+
+impl Feeder<'_> {
+    fn push<E: From<RecompressError>>(
+        &mut self,
+        mut bytes: &[u8],
+        emit: &mut dyn FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        while !bytes.is_empty() {
+            if self.buf.is_empty() && bytes.len() >= FEED {
+                self.z.feed(&bytes[..FEED], false, emit)?;
+                bytes = &bytes[FEED..];
+                continue;
+            }
+            let n = (FEED - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.buf.len() == FEED {
+                self.z.feed(&self.buf, false, emit)?;
+                self.buf.clear();
+            }
+        }
+        Ok(())
+    }
+
+    fn finish<E: From<RecompressError>>(
+        mut self,
+        emit: &mut dyn FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if !self.buf.is_empty() {
+            self.z.feed(&self.buf, false, emit)?;
+            self.buf.clear();
+        }
+        self.z.feed(&[], true, emit)
+    }
+}
+
+/// Compresses `content` as a recompress operation does.
+pub fn compress<E: From<RecompressError>>(
+    encoder: &ZstdEncoder,
+    content: &[u8],
+    emit: &mut dyn FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut z = StreamCompressor::new(encoder, content.len() as u64)?;
+    let mut f = Feeder {
+        z: &mut z,
+        buf: Vec::new(),
+    };
+    f.push(content, emit)?;
+    f.finish(emit)
+}
+
 /// The destination bytes of an operation, written [`RECOMPRESS_CHUNK`] at a
 /// time, each checked against its signed hash first.
 struct ChunkWriter<'a> {
@@ -423,12 +485,16 @@ pub fn rebuild(
     };
     out.push(recipe.prefix)?;
     let mut z = StreamCompressor::new(encoder, content_len)?;
+    let mut feeder = Feeder {
+        z: &mut z,
+        buf: Vec::with_capacity(FEED),
+    };
     let mut emit = |b: &[u8]| out.push(b);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; FEED];
     for piece in &recipe.pieces {
         match *piece {
             Piece::Literal { at, len } => {
-                z.feed(&recipe.body[at..at + len], false, &mut emit)?;
+                feeder.push(&recipe.body[at..at + len], &mut emit)?;
             }
             Piece::Target { offset, len } => {
                 let mut pos = 0u64;
@@ -438,13 +504,13 @@ pub fn rebuild(
                         context: "reading the target image for the recipe",
                         error,
                     })?;
-                    z.feed(&buf[..n], false, &mut emit)?;
+                    feeder.push(&buf[..n], &mut emit)?;
                     pos += n as u64;
                 }
             }
         }
     }
-    z.feed(&[], true, &mut emit)?;
+    feeder.finish(&mut emit)?;
     out.push(recipe.suffix)?;
     out.flush()?;
     if out.written != expected || out.next_chunk != chunks.len() {
@@ -611,7 +677,6 @@ pub fn reproduces(
     content: &[u8],
     stream: &[u8],
 ) -> Result<bool, RecompressError> {
-    let mut z = StreamCompressor::new(encoder, content.len() as u64)?;
     let mut pos = 0usize;
     let mut emit = |b: &[u8]| -> Result<(), Compare> {
         if stream.get(pos..pos + b.len()) != Some(b) {
@@ -620,13 +685,7 @@ pub fn reproduces(
         pos += b.len();
         Ok(())
     };
-    let mut run = || -> Result<(), Compare> {
-        for piece in content.chunks(1 << 20) {
-            z.feed(piece, false, &mut emit)?;
-        }
-        z.feed(&[], true, &mut emit)
-    };
-    match run() {
+    match compress(encoder, content, &mut emit) {
         Ok(()) => Ok(pos == stream.len()),
         Err(Compare::Differs) => Ok(false),
         Err(Compare::Failed(e)) => Err(e),
@@ -934,11 +993,14 @@ mod tests {
             checksum: true,
         };
         let mut stream = Vec::new();
-        let mut z = StreamCompressor::new(&encoder, c.len() as u64).unwrap();
-        z.feed(&c, true, &mut |b: &[u8]| -> Result<(), RecompressError> {
-            stream.extend_from_slice(b);
-            Ok(())
-        })
+        compress(
+            &encoder,
+            &c,
+            &mut |b: &[u8]| -> Result<(), RecompressError> {
+                stream.extend_from_slice(b);
+                Ok(())
+            },
+        )
         .unwrap();
         // In an image, 300 bytes into a block, after other bytes.
         let mut image = content(9, 300);
