@@ -16,9 +16,11 @@ use crate::container::{write_payload, PayloadError};
 use crate::digest::{digest_file, sha256, worker_count};
 use crate::format::{
     self, total_blocks, Blob, Component, Extent, ImageRef, Manifest, Operation, BLOCK_SIZE,
-    MAX_BLOB_LEN, MAX_BSDIFF_BODY, MAX_OP_OUTPUT, MAX_REFERENCE_LEN,
+    MAX_BLOB_LEN, MAX_BSDIFF_BODY, MAX_OP_OUTPUT, MAX_RECIPE_BODY, MAX_RECOMPRESS_OUTPUT,
+    MAX_REFERENCE_LEN, RECOMPRESS_CHUNK,
 };
 use crate::plan::{self, AnchorIndex, BlockClass, Grouping, PlannedOp};
+use crate::recompress::{self, RecompressError, TargetIndex};
 use crate::sign::SigningKey;
 
 const BS: usize = BLOCK_SIZE as usize;
@@ -34,6 +36,8 @@ pub enum MakeError {
     Image { path: PathBuf, problem: String },
     #[error("zstd: {0}")]
     Zstd(&'static str),
+    #[error(transparent)]
+    Recompress(#[from] RecompressError),
     #[error(transparent)]
     Payload(#[from] PayloadError),
 }
@@ -58,6 +62,10 @@ pub struct MakeOptions {
     /// keep the smaller (format version 2; off for payloads that nodes
     /// older than it must read).
     pub bsdiff: bool,
+    /// In a delta, re-create changed zstd streams on the node from their
+    /// uncompressed content (format version 3), where this tandem's zstd
+    /// reproduces them exactly.
+    pub recompress: bool,
 }
 
 impl Default for MakeOptions {
@@ -75,6 +83,7 @@ impl Default for MakeOptions {
             reference_blocks: (MAX_OP_OUTPUT / BLOCK_SIZE).min(MAX_REFERENCE_LEN / BLOCK_SIZE),
             component: "usr".into(),
             bsdiff: true,
+            recompress: true,
         }
     }
 }
@@ -296,9 +305,15 @@ fn make_component(
         progress,
     )
     .map_err(io_err(format!("reading {}", target.display())))?;
+    let mut classes = classes;
+    let recompressed = if source_view.is_some() && opts.recompress {
+        plan_recompress(&target_file, target_size, &mut classes, opts, progress)?
+    } else {
+        Vec::new()
+    };
     let planned = plan::group_blocks(&classes, opts.grouping);
     drop(classes);
-    let (mut operations, data_len) = encode_all(
+    let (mut operations, mut data_len) = encode_all(
         &planned,
         &target_file,
         source_view.as_ref(),
@@ -306,6 +321,18 @@ fn make_component(
         data_file,
         progress,
     )?;
+    // Last: they read target blocks the operations before them write.
+    let mut writer = data_file;
+    for (mut op, blob) in recompressed {
+        writer
+            .write_all(&blob)
+            .map_err(io_err("writing the data section"))?;
+        if let Some(b) = op.blob_mut() {
+            b.offset = data_len;
+        }
+        data_len += blob.len() as u64;
+        operations.push(op);
+    }
     for op in &mut operations {
         if let Some(blob) = op.blob_mut() {
             blob.offset += base;
@@ -574,6 +601,135 @@ fn classify_target(
         },
     )?;
     Ok(parts.into_iter().flat_map(|p| p.classes).collect())
+}
+
+/// Smallest content of a zstd stream worth re-creating.
+const MIN_RECOMPRESS_CONTENT: u64 = 1 << 20;
+
+/// Finds the changed zstd streams of the target that this tandem's zstd
+/// reproduces, plans a recompress operation for each (claiming its blocks
+/// in `classes`) and returns them with their blobs.
+fn plan_recompress(
+    target: &File,
+    size: u64,
+    classes: &mut [plan::BlockClass],
+    opts: &MakeOptions,
+    progress: &(dyn Fn(MakeProgress) + Sync),
+) -> Result<Vec<Encoded>, MakeError> {
+    use plan::BlockClass;
+    let read = |buf: &mut [u8], off: u64| target.read_exact_at(buf, off);
+    let reading = || io_err("reading the target for zstd streams");
+    let block_of = |off: u64| (off / BLOCK_SIZE) as usize;
+    progress(MakeProgress {
+        phase: "finding zstd streams",
+        done: 0,
+        total: 1,
+    });
+    let changed = |off: u64| classes.get(block_of(off)) == Some(&BlockClass::Literal);
+    let headers = recompress::find_frame_headers(&read, size, MIN_RECOMPRESS_CONTENT, &changed)
+        .map_err(reading())?;
+    let mut frames = Vec::new();
+    let mut free_from = 0u64;
+    for (i, &off) in headers.iter().enumerate() {
+        progress(MakeProgress {
+            phase: "reproducing zstd streams",
+            done: i as u64,
+            total: headers.len() as u64,
+        });
+        if off < free_from {
+            continue;
+        }
+        let Some(frame) = recompress::decode_frame(&read, size, off).map_err(reading())? else {
+            continue;
+        };
+        let first = block_of(off);
+        let end = block_of((off + frame.stream_len).div_ceil(BLOCK_SIZE) * BLOCK_SIZE);
+        let blocks = &classes[first..end];
+        let changed = blocks.iter().filter(|c| **c == BlockClass::Literal).count();
+        if changed * 2 < blocks.len() || (end - first) as u64 * BLOCK_SIZE > MAX_RECOMPRESS_OUTPUT {
+            continue;
+        }
+        let mut stream = vec![0u8; frame.stream_len as usize];
+        read(&mut stream, off).map_err(reading())?;
+        let Some(encoder) = recompress::find_encoder(&frame.content, &stream, frame.checksum)?
+        else {
+            continue;
+        };
+        free_from = off + frame.stream_len;
+        frames.push((frame, encoder, first, end));
+    }
+    if frames.is_empty() {
+        return Ok(Vec::new());
+    }
+    let forbidden: Vec<(u64, u64)> = frames
+        .iter()
+        .map(|(_, _, first, end)| (*first as u64 * BLOCK_SIZE, *end as u64 * BLOCK_SIZE))
+        .collect();
+    // Every other written block of the target, by content.
+    progress(MakeProgress {
+        phase: "indexing target for zstd streams",
+        done: 0,
+        total: 1,
+    });
+    let mut index = TargetIndex::new();
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut pos = 0u64;
+    while pos < size {
+        let n = ((size - pos) as usize).min(READ_CHUNK);
+        read(&mut buf[..n], pos).map_err(reading())?;
+        for (i, b) in buf[..n].chunks(BS).enumerate() {
+            let block = pos / BLOCK_SIZE + i as u64;
+            let at = block * BLOCK_SIZE;
+            let written = matches!(
+                classes[block as usize],
+                BlockClass::Copy(_) | BlockClass::Literal
+            );
+            if written && !forbidden.iter().any(|&(a, b)| (a..b).contains(&at)) {
+                index.insert(block, b);
+            }
+        }
+        pos += n as u64;
+    }
+    let mut out = Vec::new();
+    for (frame, encoder, first, end) in frames {
+        let start = first as u64 * BLOCK_SIZE;
+        let stop = end as u64 * BLOCK_SIZE;
+        let pieces = recompress::match_content(&frame.content, &index, size, &forbidden, &read)
+            .map_err(reading())?;
+        let mut bytes = vec![0u8; (stop - start) as usize];
+        read(&mut bytes, start).map_err(reading())?;
+        let head = (frame.offset - start) as usize;
+        let tail = head + frame.stream_len as usize;
+        let body =
+            recompress::encode_recipe(&bytes[..head], &bytes[tail..], &pieces, &frame.content);
+        if body.len() as u64 > MAX_RECIPE_BODY {
+            continue;
+        }
+        let blob = zstd_compress(&body, None, opts.level)?;
+        if blob.len() as u64 > MAX_BLOB_LEN || blob.len() as u64 * 2 > frame.stream_len {
+            continue;
+        }
+        let chunks = bytes
+            .chunks(RECOMPRESS_CHUNK as usize)
+            .map(sha256)
+            .collect();
+        classes[first..end].fill(BlockClass::Claimed);
+        out.push((
+            Operation::Recompress {
+                dst: vec![Extent(first as u64, (end - first) as u64)],
+                content_len: frame.content.len() as u64,
+                encoder,
+                chunks,
+                blob: Blob {
+                    offset: 0,
+                    len: blob.len() as u64,
+                    sha256: sha256(&blob),
+                },
+            },
+            blob,
+        ));
+    }
+    Ok(out)
 }
 
 /// Reads the blocks of `extents` from `file`, concatenated.

@@ -15,6 +15,8 @@ pub enum BlockClass {
     Copy(u64),
     /// New bytes: compressed, possibly against a source region.
     Literal,
+    /// Written by an operation planned apart (a recompress operation).
+    Claimed,
 }
 
 /// An operation before encoding: literal runs still need their blob.
@@ -82,6 +84,7 @@ pub fn group_blocks(classes: &[BlockClass], grouping: Grouping) -> Vec<PlannedOp
                     copy.2 = 0;
                 }
             }
+            BlockClass::Claimed => {}
             BlockClass::Literal => {
                 push_extent(&mut literal.0, block);
                 literal.1 += 1;

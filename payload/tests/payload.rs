@@ -776,3 +776,166 @@ fn a_rebuilt_executable_ships_as_bsdiff_operations_in_format_version_2() {
     assert!(err.to_string().contains("needs format version 2"), "{err}");
     assert!(fs::read(&slot).unwrap().iter().all(|&b| b == 0xa5));
 }
+
+/// Text-like bytes (words of a small vocabulary): compressible, as files
+/// in an initrd are.
+fn text(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: [&[u8]; 12] = [
+        b"module ",
+        b"kernel ",
+        b"init ",
+        b"udev ",
+        b"\x7fELF\x02\x01 ",
+        b"symbol ",
+        b"0x1f00 ",
+        b"section ",
+        b"relocation ",
+        b"\n",
+        b"firmware ",
+        b"__ksymtab ",
+    ];
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(WORDS[(x % 12) as usize]);
+    }
+    out.truncate(len);
+    out
+}
+
+/// An image with eight 256 KiB "modules" as files (block-aligned) and an
+/// initrd: a zstd stream (level 9, one worker, as Debian's mkinitramfs
+/// writes it) of a cpio-like archive of the same files, 512 bytes into
+/// block 1024. `version` changes every module's signature and the
+/// archive's generated part.
+fn image_with_initrd(version: u64) -> Vec<u8> {
+    let mut image = vec![0u8; 8 << 20];
+    let mut archive = Vec::new();
+    for i in 0..8u64 {
+        let mut module = text(100 + i, 256 << 10);
+        let sig = text(version * 1000 + i, 700);
+        let n = module.len();
+        module[n - 700..].copy_from_slice(&sig);
+        let at = (16 + i as usize * 80) * 4096;
+        image[at..at + module.len()].copy_from_slice(&module);
+        archive
+            .extend_from_slice(format!("070701 name=lib/modules/{version}/m{i}.ko\n").as_bytes());
+        archive.extend_from_slice(&module);
+        while archive.len() % 4 != 0 {
+            archive.push(0);
+        }
+    }
+    archive.extend_from_slice(&text(version * 77, 20 << 10));
+    let encoder = payload::format::ZstdEncoder {
+        version: payload::recompress::zstd_version(),
+        level: 9,
+        workers: 1,
+        checksum: true,
+    };
+    let mut stream = Vec::new();
+    payload::recompress::compress(&encoder, &archive, &mut |b: &[u8]| -> Result<
+        (),
+        payload::recompress::RecompressError,
+    > {
+        stream.extend_from_slice(b);
+        Ok(())
+    })
+    .unwrap();
+    let at = 1024 * 4096;
+    image[at..at + 512].copy_from_slice(&text(version, 512));
+    image[at + 512..at + 512 + stream.len()].copy_from_slice(&stream);
+    image
+}
+
+#[test]
+fn a_new_initrd_is_re_created_from_the_new_files_and_a_wrong_encoder_is_caught() {
+    let f = fixture("recompress");
+    let (old_path, new_path) = (f.path("old-initrd.img"), f.path("new-initrd.img"));
+    let new = image_with_initrd(2);
+    fs::write(&old_path, image_with_initrd(1)).unwrap();
+    fs::write(&new_path, &new).unwrap();
+    let with = make_from(&f, &old_path, &new_path, &options(), "recompress.tpl");
+    let without = make_from(
+        &f,
+        &old_path,
+        &new_path,
+        &MakeOptions {
+            recompress: false,
+            ..options()
+        },
+        "blocks.tpl",
+    );
+    let stats = &payload::summary::summarize(&with)[0];
+    assert_eq!(stats.recompress.operations, 1, "{stats:?}");
+    assert_eq!(with.format_version, 3);
+    assert!(without.format_version < 3);
+    let (a, b) = (
+        fs::metadata(f.path("recompress.tpl")).unwrap().len(),
+        fs::metadata(f.path("blocks.tpl")).unwrap().len(),
+    );
+    eprintln!("new initrd: recompress delta {a} bytes, block delta {b} bytes");
+    assert!(a * 4 < b, "recompress {a} blocks {b}");
+
+    let slot = f.path("initrd-slot");
+    let apply = |payload: &[u8]| {
+        fs::write(&slot, vec![0xa5u8; new.len()]).unwrap();
+        payload::apply(
+            Cursor::new(payload),
+            &f.keyring,
+            &[ComponentPaths {
+                component: "usr".into(),
+                target: slot.clone(),
+                target_range: None,
+                source: Some(old_path.clone()),
+                source_range: None,
+            }],
+            &ApplyOptions::default(),
+            &mut |_| ControlFlow::Continue(()),
+        )
+    };
+    let bytes = fs::read(f.path("recompress.tpl")).unwrap();
+    apply(&bytes).unwrap();
+    assert!(fs::read(&slot).unwrap() == new, "byte-exact round trip");
+
+    // A signed manifest naming another level: the node's output differs
+    // from the signed stream, its first chunk fails its hash, and the
+    // apply stops with that error; none of the stream's blocks is written.
+    let mut dst = Extent(0, 0);
+    let bad = resign(&f, &bytes, |m| {
+        for op in &mut m.components[0].operations {
+            if let Operation::Recompress {
+                encoder, dst: d, ..
+            } = op
+            {
+                encoder.level = 8;
+                dst = d[0];
+            }
+        }
+    });
+    let err = apply(&bad).unwrap_err();
+    assert!(matches!(err, ApplyError::Recompress { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("does not match its signed SHA-256"),
+        "{err}"
+    );
+    let written = fs::read(&slot).unwrap();
+    let range = dst.0 as usize * 4096..(dst.0 + dst.1) as usize * 4096;
+    assert!(written[range].iter().all(|&b| b == 0xa5));
+
+    // A node whose libzstd is another version refuses the payload before
+    // writing, as a format it cannot read: it takes the full payload.
+    let other = resign(&f, &bytes, |m| {
+        for op in &mut m.components[0].operations {
+            if let Operation::Recompress { encoder, .. } = op {
+                encoder.version += 1;
+            }
+        }
+    });
+    let err = apply(&other).unwrap_err();
+    assert!(err.is_unknown_format(), "{err}");
+    assert!(fs::read(&slot).unwrap().iter().all(|&b| b == 0xa5));
+}

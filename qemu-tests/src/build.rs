@@ -439,7 +439,7 @@ pub(crate) fn slot_image(
 /// operations. The VM tests are about boots, not payload size (the payload
 /// tests and the benchmark are), and at the default -19 making the sets'
 /// payloads was most of a cold run's image build.
-pub(crate) const FAST_PAYLOADS: [&str; 3] = ["--level", "3", "--no-bsdiff"];
+pub(crate) const FAST_PAYLOADS: [&str; 4] = ["--level", "3", "--no-bsdiff", "--no-recompress"];
 
 fn release_disk(set: &Path, built: &Built, bins: &Binaries, key: &Path) -> Result<()> {
     let www = set.join("www");

@@ -125,10 +125,15 @@ struct MakeCommon {
     /// Name of the component the image is.
     #[arg(long, default_value = "usr")]
     component: String,
-    /// Make no bsdiff operations: a delta in payload format version 1, for
-    /// nodes whose tandem predates format version 2.
+    /// Make no bsdiff operations (format version 2). With
+    /// --no-recompress, a delta in payload format version 1, for nodes whose
+    /// tandem predates format version 2.
     #[arg(long)]
     no_bsdiff: bool,
+    /// Make no recompress operations (format version 3): changed zstd
+    /// streams, such as an initrd, ship as compressed blocks.
+    #[arg(long)]
+    no_recompress: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -500,6 +505,7 @@ fn make(
         level: common.level,
         component: common.component.clone(),
         bsdiff: !common.no_bsdiff,
+        recompress: !common.no_recompress,
         ..MakeOptions::default()
     };
     if let Some(t) = common.threads {
@@ -600,7 +606,7 @@ fn print_components(components: &[payload::summary::ComponentSummary]) {
             println!("  source {} sha256 {sha}", mib(size));
         }
         println!(
-            "  {:<6} {:>8} {:>14} {:>14}",
+            "  {:<10} {:>8} {:>14} {:>14}",
             "op", "count", "target", "blob"
         );
         for (name, s) in [
@@ -609,9 +615,10 @@ fn print_components(components: &[payload::summary::ComponentSummary]) {
             ("data", c.data),
             ("patch", c.patch),
             ("bsdiff", c.bsdiff),
+            ("recompress", c.recompress),
         ] {
             println!(
-                "  {:<6} {:>8} {:>14} {:>14}",
+                "  {:<10} {:>8} {:>14} {:>14}",
                 name,
                 s.operations,
                 mib(s.target_bytes),
