@@ -464,7 +464,7 @@ pub fn apply<R: PayloadReader>(
         }),
         None => None,
     };
-    let (start_op, mut done_bytes) = resume
+    let (start_op, done_bytes) = resume
         .as_ref()
         .map_or((0, 0), |cp| (cp.next_op, cp.done_bytes));
     let start_offset = ops.get(start_op).map_or(offset, |o| o.2);
@@ -486,9 +486,13 @@ pub fn apply<R: PayloadReader>(
     let job_rx = std::sync::Mutex::new(job_rx);
     let (done_tx, done_rx) = mpsc::channel::<Result<(usize, u64), ApplyError>>();
     let mut stopped = false;
-    let mut failure: Option<ApplyError> = None;
-    let mut completed: BTreeSet<usize> = BTreeSet::new();
-    let mut low_water = start_op;
+    let mut tally = Tally {
+        in_flight: 0,
+        failure: None,
+        completed: BTreeSet::new(),
+        low_water: start_op,
+        done_bytes,
+    };
     let mut last_checkpoint_bytes = done_bytes;
     let mut read_bytes = data_start + start_offset;
 
@@ -512,42 +516,16 @@ pub fn apply<R: PayloadReader>(
         }
         drop(done_tx);
 
-        let mut in_flight = 0usize;
-        let mut absorb = |result: Result<(usize, u64), ApplyError>,
-                          in_flight: &mut usize,
-                          failure: &mut Option<ApplyError>,
-                          done_bytes: &mut u64,
-                          low_water: &mut usize| {
-            *in_flight -= 1;
-            match result {
-                Ok((index, bytes)) => {
-                    completed.insert(index);
-                    *done_bytes += bytes;
-                    while completed.remove(low_water) {
-                        *low_water += 1;
-                    }
-                }
-                Err(e) => {
-                    failure.get_or_insert(e);
-                }
-            }
-        };
         for (index, &(slot, op, blob_offset)) in ops.iter().enumerate().skip(start_op) {
             while let Ok(r) = done_rx.try_recv() {
-                absorb(
-                    r,
-                    &mut in_flight,
-                    &mut failure,
-                    &mut done_bytes,
-                    &mut low_water,
-                );
+                tally.absorb(r);
             }
-            if failure.is_some() {
+            if tally.failure.is_some() {
                 break;
             }
             let progress = ApplyProgress {
                 phase: Phase::Writing,
-                done_bytes,
+                done_bytes: tally.done_bytes,
                 total_bytes,
                 read_bytes,
             };
@@ -555,17 +533,22 @@ pub fn apply<R: PayloadReader>(
                 stopped = true;
                 break;
             }
-            if done_bytes - last_checkpoint_bytes >= opts.checkpoint_every {
+            if tally.done_bytes - last_checkpoint_bytes >= opts.checkpoint_every {
                 if let Some(path) = &opts.checkpoint {
-                    let at = ops.get(low_water).map_or(offset, |o| o.2);
-                    if let Err(e) =
-                        checkpoint(&slots, path, manifest_sha256, low_water, at, done_bytes)
-                    {
-                        failure = Some(e);
+                    let at = ops.get(tally.low_water).map_or(offset, |o| o.2);
+                    if let Err(e) = checkpoint(
+                        &slots,
+                        path,
+                        manifest_sha256,
+                        tally.low_water,
+                        at,
+                        tally.done_bytes,
+                    ) {
+                        tally.failure = Some(e);
                         break;
                     }
                 }
-                last_checkpoint_bytes = done_bytes;
+                last_checkpoint_bytes = tally.done_bytes;
             }
             let blob = match op.blob() {
                 Some(b) => {
@@ -574,14 +557,14 @@ pub fn apply<R: PayloadReader>(
                     match (&mut reader).take(b.len).read_to_end(&mut buf) {
                         Ok(n) if n as u64 == b.len => {}
                         Ok(n) => {
-                            failure = Some(ApplyError::TruncatedData {
+                            tally.failure = Some(ApplyError::TruncatedData {
                                 at: blob_offset + n as u64,
                                 len: manifest.data_len,
                             });
                             break;
                         }
                         Err(e) => {
-                            failure = Some(io_err("reading the payload")(e));
+                            tally.failure = Some(io_err("reading the payload")(e));
                             break;
                         }
                     }
@@ -594,19 +577,8 @@ pub fn apply<R: PayloadReader>(
             // operations before it write: it runs alone, after them.
             let alone = matches!(op, Operation::Recompress { .. });
             if alone {
-                while in_flight > 0 {
-                    match done_rx.recv() {
-                        Ok(r) => absorb(
-                            r,
-                            &mut in_flight,
-                            &mut failure,
-                            &mut done_bytes,
-                            &mut low_water,
-                        ),
-                        Err(_) => break,
-                    }
-                }
-                if failure.is_some() {
+                tally.drain(&done_rx);
+                if tally.failure.is_some() {
                     break;
                 }
             }
@@ -627,58 +599,36 @@ pub fn apply<R: PayloadReader>(
                     Err(mpsc::TrySendError::Full(back)) => pending = back,
                 }
                 if let Ok(r) = done_rx.recv_timeout(std::time::Duration::from_millis(50)) {
-                    absorb(
-                        r,
-                        &mut in_flight,
-                        &mut failure,
-                        &mut done_bytes,
-                        &mut low_water,
-                    );
+                    tally.absorb(r);
                 }
                 let progress = ApplyProgress {
                     phase: Phase::Writing,
-                    done_bytes,
+                    done_bytes: tally.done_bytes,
                     total_bytes,
                     read_bytes,
                 };
-                if failure.is_some() || control(&progress).is_break() {
-                    stopped = failure.is_none();
+                if tally.failure.is_some() || control(&progress).is_break() {
+                    stopped = tally.failure.is_none();
                     break false;
                 }
             };
             if !sent {
                 break;
             }
-            in_flight += 1;
+            tally.in_flight += 1;
             if alone {
-                while in_flight > 0 {
-                    match done_rx.recv() {
-                        Ok(r) => absorb(
-                            r,
-                            &mut in_flight,
-                            &mut failure,
-                            &mut done_bytes,
-                            &mut low_water,
-                        ),
-                        Err(_) => break,
-                    }
-                }
+                tally.drain(&done_rx);
             }
         }
         drop(job_tx);
-        while in_flight > 0 {
-            match done_rx.recv() {
-                Ok(r) => absorb(
-                    r,
-                    &mut in_flight,
-                    &mut failure,
-                    &mut done_bytes,
-                    &mut low_water,
-                ),
-                Err(_) => break,
-            }
-        }
+        tally.drain(&done_rx);
     });
+    let Tally {
+        failure,
+        low_water,
+        done_bytes,
+        ..
+    } = tally;
 
     if let Some(path) = &opts.checkpoint {
         if stopped || failure.is_some() {
@@ -759,6 +709,45 @@ pub fn apply<R: PayloadReader>(
         operations: ops.len(),
         bytes_written: total_bytes,
     }))
+}
+
+/// The results the workers have sent back, absorbed in any order.
+struct Tally {
+    in_flight: usize,
+    failure: Option<ApplyError>,
+    /// Operations done above `low_water`, not yet contiguous with it.
+    completed: BTreeSet<usize>,
+    /// Every operation below this one is done: a checkpoint resumes here.
+    low_water: usize,
+    done_bytes: u64,
+}
+
+impl Tally {
+    fn absorb(&mut self, result: Result<(usize, u64), ApplyError>) {
+        self.in_flight -= 1;
+        match result {
+            Ok((index, bytes)) => {
+                self.completed.insert(index);
+                self.done_bytes += bytes;
+                while self.completed.remove(&self.low_water) {
+                    self.low_water += 1;
+                }
+            }
+            Err(e) => {
+                self.failure.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Waits for every job in flight.
+    fn drain(&mut self, done: &mpsc::Receiver<Result<(usize, u64), ApplyError>>) {
+        while self.in_flight > 0 {
+            match done.recv() {
+                Ok(r) => self.absorb(r),
+                Err(_) => break,
+            }
+        }
+    }
 }
 
 fn checkpoint(

@@ -8,6 +8,7 @@
 //! - [`plan`]: the planner's pure decisions; [`make`] does its I/O.
 //! - [`bsdiff`]: the executable-friendly binary diff of `bsdiff` operations.
 //! - [`recompress`]: zstd streams re-created on the node from a recipe.
+//! - [`erofs`]: which image blocks hold which file of an erofs image.
 //! - [`apply`]: streamed apply with checkpoints and read-back verification.
 //! - [`digest`]: segmented SHA-256 of images, on every core.
 //! - [`index`]: the signed release index and the choice of release.
@@ -20,6 +21,7 @@ pub mod apply;
 pub mod bsdiff;
 pub mod container;
 pub mod digest;
+pub mod erofs;
 pub mod files;
 pub mod format;
 pub mod index;

@@ -649,21 +649,25 @@ fn plan_recompress(
         if changed * 2 < blocks.len() || (end - first) as u64 * BLOCK_SIZE > MAX_RECOMPRESS_OUTPUT {
             continue;
         }
-        let mut stream = vec![0u8; frame.stream_len as usize];
-        read(&mut stream, off).map_err(reading())?;
-        let Some(encoder) = recompress::find_encoder(&frame.content, &stream, frame.checksum)?
+        // The op's blocks, read once: the stream and the bytes around it.
+        let start = first as u64 * BLOCK_SIZE;
+        let mut bytes = vec![0u8; (end - first) * BS];
+        read(&mut bytes, start).map_err(reading())?;
+        let head = (off - start) as usize;
+        let stream = &bytes[head..head + frame.stream_len as usize];
+        let Some(encoder) = recompress::find_encoder(&frame.content, stream, frame.checksum)?
         else {
             continue;
         };
         free_from = off + frame.stream_len;
-        frames.push((frame, encoder, first, end));
+        frames.push((frame, encoder, first, end, bytes));
     }
     if frames.is_empty() {
         return Ok(Vec::new());
     }
     let forbidden: Vec<(u64, u64)> = frames
         .iter()
-        .map(|(_, _, first, end)| (*first as u64 * BLOCK_SIZE, *end as u64 * BLOCK_SIZE))
+        .map(|(_, _, first, end, _)| (*first as u64 * BLOCK_SIZE, *end as u64 * BLOCK_SIZE))
         .collect();
     // Every other written block of the target, by content.
     progress(MakeProgress {
@@ -691,13 +695,10 @@ fn plan_recompress(
         pos += n as u64;
     }
     let mut out = Vec::new();
-    for (frame, encoder, first, end) in frames {
+    for (frame, encoder, first, end, bytes) in frames {
         let start = first as u64 * BLOCK_SIZE;
-        let stop = end as u64 * BLOCK_SIZE;
         let pieces = recompress::match_content(&frame.content, &index, size, &forbidden, &read)
             .map_err(reading())?;
-        let mut bytes = vec![0u8; (stop - start) as usize];
-        read(&mut bytes, start).map_err(reading())?;
         let head = (frame.offset - start) as usize;
         let tail = head + frame.stream_len as usize;
         let body =

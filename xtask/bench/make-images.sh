@@ -2,10 +2,14 @@
 # Builds the benchmark's image pair: a container-host root debootstrapped from
 # Debian bookworm (old.img) and the same tree after a real upgrade from
 # bookworm-security and bookworm-updates, old kernel removed (new.img).
-# Both are deterministic `mkfs.ext4 -d` images of the same size.
+# Both trees are made into two pairs: deterministic `mkfs.ext4 -d` images
+# (old.img, new.img) and erofs images compressed with lz4hc level 12, as
+# Azure Container Linux builds its /usr (old.erofs, new.erofs). The images
+# of a pair have the same size, as two A/B partitions would.
 #
-# Usage: make-images.sh CACHE_DIR        (needs root, debootstrap, network to
-# the Debian mirror). Results are cached: an existing pair is kept.
+# Usage: make-images.sh CACHE_DIR        (needs root, debootstrap, mkfs.erofs,
+# network to the Debian mirror). Results are cached: the trees are kept in
+# CACHE_DIR/trees, and an existing image pair is kept.
 set -euo pipefail
 
 cache=${1:?usage: make-images.sh CACHE_DIR}
@@ -20,17 +24,18 @@ packages+=iproute2,conntrack,ethtool,socat,ebtables,e2fsprogs,xfsprogs,
 packages+=curl,openssl,python3,perl,tzdata,less,procps,sudo,nfs-common,
 packages+=cifs-utils,chrony,lvm2,cryptsetup-bin,jq,rsync,zstd
 
-if [[ -f $cache/old.img && -f $cache/new.img ]]; then
+if [[ -f $cache/old.img && -f $cache/new.img && -f $cache/old.erofs && -f $cache/new.erofs ]]; then
     echo "bench images: cached in $cache"
     exit 0
 fi
 mkdir -p "$cache"
-work=$cache/work
+work=$cache/trees
 mounted=()
 cleanup() {
     for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done
 }
 trap cleanup EXIT
+make_trees() {
 rm -rf "$work"
 mkdir -p "$work"
 
@@ -73,16 +78,36 @@ for tree in old new; do
 done
 diff "$cache/old.packages" "$cache/new.packages" >"$cache/changed.packages" || true
 echo "bench images: $(grep -c '^>' "$cache/changed.packages") packages changed"
+rm -f "$work"/*.log
+touch "$work/complete"
+}
+[[ -f $work/complete ]] || make_trees
 
-# Both images get the same size, as two A/B partitions would.
-kib=$(du -s --apparent-size -k "$work/old" "$work/new" | awk '{ if ($1 > m) m = $1 } END { print m }')
-size_mib=$(( (kib * 13 / 10 / 1024 + 63) / 64 * 64 ))
-for tree in old new; do
-    rm -f "$work/$tree.img"
-    mkfs.ext4 -q -F -b 4096 -L usr -U "$fs_uuid" -E "hash_seed=$hash_seed,root_owner=0:0,nodiscard" \
-        -d "$work/$tree" "$work/$tree.img" "${size_mib}M"
-done
-mv "$work/old.img" "$cache/old.img"
-mv "$work/new.img" "$cache/new.img"
-rm -rf "$work"
-echo "bench images: $cache/old.img and $cache/new.img (${size_mib} MiB each)"
+# Both images of a pair get the same size, as two A/B partitions would.
+if [[ ! -f $cache/old.img || ! -f $cache/new.img ]]; then
+    kib=$(du -s --apparent-size -k "$work/old" "$work/new" | awk '{ if ($1 > m) m = $1 } END { print m }')
+    size_mib=$(( (kib * 13 / 10 / 1024 + 63) / 64 * 64 ))
+    for tree in old new; do
+        rm -f "$cache/$tree.img.part"
+        mkfs.ext4 -q -F -b 4096 -L usr -U "$fs_uuid" -E "hash_seed=$hash_seed,root_owner=0:0,nodiscard" \
+            -d "$work/$tree" "$cache/$tree.img.part" "${size_mib}M"
+    done
+    mv "$cache/old.img.part" "$cache/old.img"
+    mv "$cache/new.img.part" "$cache/new.img"
+    echo "bench images: $cache/old.img and $cache/new.img (${size_mib} MiB each)"
+fi
+if [[ ! -f $cache/old.erofs || ! -f $cache/new.erofs ]]; then
+    for tree in old new; do
+        rm -f "$cache/$tree.erofs.part"
+        mkfs.erofs --quiet -zlz4hc,12 -T "$SOURCE_DATE_EPOCH" -U "$fs_uuid" \
+            "$cache/$tree.erofs.part" "$work/$tree"
+    done
+    bytes=$(stat -c %s "$cache/old.erofs.part" "$cache/new.erofs.part" | sort -n | tail -1)
+    bytes=$(( (bytes + 1048575) / 1048576 * 1048576 ))
+    for tree in old new; do
+        truncate -s "$bytes" "$cache/$tree.erofs.part"
+    done
+    mv "$cache/old.erofs.part" "$cache/old.erofs"
+    mv "$cache/new.erofs.part" "$cache/new.erofs"
+    echo "bench images: $cache/old.erofs and $cache/new.erofs ($(( bytes / 1048576 )) MiB each, lz4hc level 12)"
+fi

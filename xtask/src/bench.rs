@@ -1,11 +1,13 @@
 //! `cargo xtask bench`: tandem's payloads against the tools others ship
 //! updates with, on a real OS update, measured in one run.
 //!
-//! The image pair (a debootstrapped Debian bookworm container host, and the
-//! same tree after a real security update) is built once by
-//! `xtask/bench/make-images.sh` and cached outside the repository. Every
-//! contender makes its payload from the same files and applies it; each
-//! result is byte-compared with the new image. Times are wall clock, peak
+//! The trees (a debootstrapped Debian bookworm container host, and the
+//! same tree after a real security update) are built once by
+//! `xtask/bench/make-images.sh` and cached outside the repository, as two
+//! image pairs: ext4, and erofs compressed with lz4hc level 12 (as Azure
+//! Container Linux builds its `/usr`). Every contender makes its payload
+//! from the same files and applies it; each result is byte-compared with
+//! the new image. Times are wall clock, peak
 //! RSS is GNU time's maximum resident set size of the applying process.
 
 use std::path::{Path, PathBuf};
@@ -16,8 +18,9 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 /// What the benchmark runs: debootstrap and the anchor tools.
-pub const PACKAGES: [&str; 7] = [
+pub const PACKAGES: [&str; 8] = [
     "debootstrap",
+    "erofs-utils",
     "zstd",
     "lz4",
     "xdelta3",
@@ -28,6 +31,7 @@ pub const PACKAGES: [&str; 7] = [
 
 #[derive(Debug, Serialize)]
 struct Row {
+    pair: &'static str,
     name: String,
     kind: &'static str,
     payload_bytes: u64,
@@ -39,16 +43,27 @@ struct Row {
 
 #[derive(Debug, Serialize)]
 struct Report {
-    source_image: PathBuf,
-    target_image: PathBuf,
-    image_bytes: u64,
     cores: usize,
+    pairs: Vec<Pair>,
     rows: Vec<Row>,
     goals: Vec<Goal>,
 }
 
+/// One source and target image, as two A/B partitions hold them.
+#[derive(Debug, Serialize)]
+struct Pair {
+    name: &'static str,
+    source_image: PathBuf,
+    target_image: PathBuf,
+    image_bytes: u64,
+    /// The anchors that are slow and say little more on this pair are left
+    /// out of it (xdelta3, lz4).
+    all_contenders: bool,
+}
+
 #[derive(Debug, Serialize)]
 struct Goal {
+    pair: &'static str,
     goal: &'static str,
     measured: String,
     ratio: f64,
@@ -117,14 +132,13 @@ fn mb(bytes: u64) -> String {
 pub fn bench(repo: &Path, cache: &Path) -> Result<()> {
     let script = repo.join("xtask/bench/make-images.sh");
     crate::run(Command::new("bash").arg(&script).arg(cache))?;
-    let old = cache.join("old.img");
-    let new = cache.join("new.img");
     crate::run(crate::cargo().args(["build", "--release", "--quiet", "-p", "release"]))?;
     let tool = repo.join("target/release/tandem-release");
     let work = cache.join("run");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let w = |name: &str| work.join(name);
+    let key = work.join("key.asc");
+    let keyring = work.join("keyring.asc");
     crate::run(
         Command::new(&tool)
             .args([
@@ -133,11 +147,57 @@ pub fn bench(repo: &Path, cache: &Path) -> Result<()> {
                 "tandem bench <bench@example.invalid>",
             ])
             .arg("--secret")
-            .arg(w("key.asc"))
+            .arg(&key)
             .arg("--public")
-            .arg(w("keyring.asc")),
+            .arg(&keyring),
     )?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut pairs = Vec::new();
+    for (name, ext, all_contenders) in [("ext4", "img", true), ("erofs lz4hc", "erofs", false)] {
+        let target_image = cache.join(format!("new.{ext}"));
+        pairs.push(Pair {
+            name,
+            source_image: cache.join(format!("old.{ext}")),
+            image_bytes: size(&target_image)?,
+            target_image,
+            all_contenders,
+        });
+    }
+    let mut rows = Vec::new();
+    let mut goals = Vec::new();
+    for pair in &pairs {
+        let pair_rows = bench_pair(&tool, &work, &key, &keyring, pair)?;
+        goals.extend(pair_goals(pair.name, &pair_rows)?);
+        rows.extend(pair_rows);
+    }
+    let report = Report {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        pairs,
+        rows,
+        goals,
+    };
+    print_report(&report);
+    let json_path = repo.join("target/bench/bench.json");
+    if let Some(dir) = json_path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
+    std::fs::write(&json_path, json + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    println!("\nwritten as JSON to {}", json_path.display());
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// Makes and applies every contender's payload on one image pair.
+fn bench_pair(
+    tool: &Path,
+    work: &Path,
+    key: &Path,
+    keyring: &Path,
+    pair: &Pair,
+) -> Result<Vec<Row>> {
+    let (old, new) = (&pair.source_image, &pair.target_image);
+    let w = |name: &str| work.join(name);
     let mut rows = Vec::new();
     let mut measure = |name: &str,
                        kind: &'static str,
@@ -147,14 +207,16 @@ pub fn bench(repo: &Path, cache: &Path) -> Result<()> {
                        apply: &mut Command,
                        applied: &Path|
      -> Result<()> {
-        eprintln!("bench: {name}: making");
-        let (make_seconds, _) = timed(make, name)?;
-        eprintln!("bench: {name}: applying");
+        let label = format!("{} {name}", pair.name);
+        eprintln!("bench: {label}: making");
+        let (make_seconds, _) = timed(make, &label)?;
+        eprintln!("bench: {label}: applying");
         let _ = std::fs::remove_file(applied);
-        let (apply_seconds, rss) = timed(apply, name)?;
-        same_bytes(applied, &new).with_context(|| format!("{name} did not reproduce the image"))?;
+        let (apply_seconds, rss) = timed(apply, &label)?;
+        same_bytes(applied, new).with_context(|| format!("{label} did not reproduce the image"))?;
         let _ = std::fs::remove_file(applied);
         let row = Row {
+            pair: pair.name,
             name: name.to_owned(),
             kind,
             payload_bytes: size(out)?,
@@ -163,8 +225,9 @@ pub fn bench(repo: &Path, cache: &Path) -> Result<()> {
             apply_peak_rss_kib: rss,
             verifies,
         };
+        let _ = std::fs::remove_file(out);
         eprintln!(
-            "bench: {name}: {} made in {:.1} s, applied in {:.1} s, peak RSS {} MiB",
+            "bench: {label}: {} made in {:.1} s, applied in {:.1} s, peak RSS {} MiB",
             mb(row.payload_bytes),
             make_seconds,
             apply_seconds,
@@ -174,15 +237,13 @@ pub fn bench(repo: &Path, cache: &Path) -> Result<()> {
         Ok(())
     };
     let applied = w("applied.img");
-    let key = w("key.asc");
-    let keyring = w("keyring.asc");
 
     measure(
         "tandem delta",
         "delta",
         "signature, every blob, source and target SHA-256",
         &w("delta.tpl"),
-        Command::new(&tool)
+        Command::new(tool)
             .args([
                 "delta",
                 "--quiet",
@@ -192,46 +253,48 @@ pub fn bench(repo: &Path, cache: &Path) -> Result<()> {
                 "bookworm-updated",
             ])
             .arg("--source")
-            .arg(&old)
+            .arg(old)
             .arg("--image")
-            .arg(&new)
+            .arg(new)
             .arg("--key")
-            .arg(&key)
+            .arg(key)
             .arg("-o")
             .arg(w("delta.tpl")),
-        Command::new(&tool)
+        Command::new(tool)
             .args(["apply", "--quiet"])
             .arg(w("delta.tpl"))
             .arg("--keyring")
-            .arg(&keyring)
+            .arg(keyring)
             .arg("--source")
-            .arg(&old)
+            .arg(old)
             .arg("--target")
             .arg(&applied),
         &applied,
     )?;
-    measure(
-        "tandem full",
-        "full",
-        "signature, every blob, target SHA-256",
-        &w("full.tpl"),
-        Command::new(&tool)
-            .args(["full", "--quiet", "--version", "bookworm-updated"])
-            .arg("--image")
-            .arg(&new)
-            .arg("--key")
-            .arg(&key)
-            .arg("-o")
-            .arg(w("full.tpl")),
-        Command::new(&tool)
-            .args(["apply", "--quiet"])
-            .arg(w("full.tpl"))
-            .arg("--keyring")
-            .arg(&keyring)
-            .arg("--target")
-            .arg(&applied),
-        &applied,
-    )?;
+    if pair.all_contenders {
+        measure(
+            "tandem full",
+            "full",
+            "signature, every blob, target SHA-256",
+            &w("full.tpl"),
+            Command::new(tool)
+                .args(["full", "--quiet", "--version", "bookworm-updated"])
+                .arg("--image")
+                .arg(new)
+                .arg("--key")
+                .arg(key)
+                .arg("-o")
+                .arg(w("full.tpl")),
+            Command::new(tool)
+                .args(["apply", "--quiet"])
+                .arg(w("full.tpl"))
+                .arg("--keyring")
+                .arg(keyring)
+                .arg("--target")
+                .arg(&applied),
+            &applied,
+        )?;
+    }
     measure(
         "zstd -19 -T2 (full)",
         "full",
@@ -239,7 +302,7 @@ pub fn bench(repo: &Path, cache: &Path) -> Result<()> {
         &w("new.img.zst"),
         Command::new("zstd")
             .args(["-q", "-f", "-19", "-T2"])
-            .arg(&new)
+            .arg(new)
             .arg("-o")
             .arg(w("new.img.zst")),
         Command::new("zstd")
@@ -249,30 +312,32 @@ pub fn bench(repo: &Path, cache: &Path) -> Result<()> {
             .arg(&applied),
         &applied,
     )?;
-    measure(
-        "lz4 -9 (full)",
-        "full",
-        "nothing (frame checksum only)",
-        &w("new.img.lz4"),
-        Command::new("lz4")
-            .args(["-q", "-f", "-9"])
-            .arg(&new)
-            .arg(w("new.img.lz4")),
-        Command::new("lz4")
-            .args(["-q", "-f", "-d"])
-            .arg(w("new.img.lz4"))
-            .arg(&applied),
-        &applied,
-    )?;
+    if pair.all_contenders {
+        measure(
+            "lz4 -9 (full)",
+            "full",
+            "nothing (frame checksum only)",
+            &w("new.img.lz4"),
+            Command::new("lz4")
+                .args(["-q", "-f", "-9"])
+                .arg(new)
+                .arg(w("new.img.lz4")),
+            Command::new("lz4")
+                .args(["-q", "-f", "-d"])
+                .arg(w("new.img.lz4"))
+                .arg(&applied),
+            &applied,
+        )?;
+    }
     let patch_from = format!("--patch-from={}", old.display());
     measure(
-        "zstd -19 --long=31 --patch-from",
+        PATCH_FROM,
         "delta",
         "nothing (frame checksum only)",
         &w("delta.zst"),
         Command::new("zstd")
             .args(["-q", "-f", "-19", "--long=31", &patch_from])
-            .arg(&new)
+            .arg(new)
             .arg("-o")
             .arg(w("delta.zst")),
         Command::new("zstd")
@@ -282,40 +347,49 @@ pub fn bench(repo: &Path, cache: &Path) -> Result<()> {
             .arg(&applied),
         &applied,
     )?;
-    measure(
-        "xdelta3 -9 -B 1073741824",
-        "delta",
-        "nothing (Adler-32 of windows)",
-        &w("delta.vcdiff"),
-        Command::new("xdelta3")
-            .args(["-f", "-e", "-9", "-B", "1073741824", "-s"])
-            .arg(&old)
-            .arg(&new)
-            .arg(w("delta.vcdiff")),
-        Command::new("xdelta3")
-            .args(["-f", "-d", "-B", "1073741824", "-s"])
-            .arg(&old)
-            .arg(w("delta.vcdiff"))
-            .arg(&applied),
-        &applied,
-    )?;
+    if pair.all_contenders {
+        measure(
+            "xdelta3 -9 -B 1073741824",
+            "delta",
+            "nothing (Adler-32 of windows)",
+            &w("delta.vcdiff"),
+            Command::new("xdelta3")
+                .args(["-f", "-e", "-9", "-B", "1073741824", "-s"])
+                .arg(old)
+                .arg(new)
+                .arg(w("delta.vcdiff")),
+            Command::new("xdelta3")
+                .args(["-f", "-d", "-B", "1073741824", "-s"])
+                .arg(old)
+                .arg(w("delta.vcdiff"))
+                .arg(&applied),
+            &applied,
+        )?;
+    }
+    Ok(rows)
+}
 
+const PATCH_FROM: &str = "zstd -19 --long=31 --patch-from";
+
+/// Issue 16's goals on one pair, as ratios against anchors of the same run.
+fn pair_goals(pair: &'static str, rows: &[Row]) -> Result<Vec<Goal>> {
     let row = |name: &str| rows.iter().find(|r| r.name == name);
     let (Some(td), Some(zp), Some(zf)) = (
         row("tandem delta"),
-        row("zstd -19 --long=31 --patch-from"),
+        row(PATCH_FROM),
         row("zstd -19 -T2 (full)"),
     ) else {
-        bail!("a benchmark row is missing");
+        bail!("a benchmark row of the {pair} pair is missing");
     };
     let goal = |goal: &'static str, measured: String, ratio: f64, limit: f64| Goal {
+        pair,
         goal,
         measured,
         ratio,
         limit,
         met: ratio <= limit,
     };
-    let goals = vec![
+    Ok(vec![
         goal(
             "delta size <= 0.5x zstd --patch-from size",
             format!("{} vs {}", mb(td.payload_bytes), mb(zp.payload_bytes)),
@@ -340,57 +414,42 @@ pub fn bench(repo: &Path, cache: &Path) -> Result<()> {
             td.make_seconds / zp.make_seconds,
             1.0,
         ),
-    ];
-    let report = Report {
-        image_bytes: size(&new)?,
-        source_image: old,
-        target_image: new,
-        cores,
-        rows,
-        goals,
-    };
-    print_report(&report);
-    let json_path = repo.join("target/bench/bench.json");
-    if let Some(dir) = json_path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
-    std::fs::write(&json_path, json + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    println!("\nwritten as JSON to {}", json_path.display());
-    let _ = std::fs::remove_dir_all(&work);
-    Ok(())
+    ])
 }
 
 fn print_report(r: &Report) {
-    println!(
-        "\nimage pair: {} -> {} ({} each), {} cores",
-        r.source_image.display(),
-        r.target_image.display(),
-        mb(r.image_bytes),
-        r.cores
-    );
-    println!(
-        "{:<34} {:>6} {:>11} {:>9} {:>9} {:>9}  verifies",
-        "payload", "kind", "size", "make s", "apply s", "RSS MiB"
-    );
-    for row in &r.rows {
+    println!("\n{} cores", r.cores);
+    for pair in &r.pairs {
         println!(
-            "{:<34} {:>6} {:>11} {:>9.1} {:>9.2} {:>9}  {}",
-            row.name,
-            row.kind,
-            mb(row.payload_bytes),
-            row.make_seconds,
-            row.apply_seconds,
-            row.apply_peak_rss_kib / 1024,
-            row.verifies
+            "\n{} pair: {} -> {} ({} each)",
+            pair.name,
+            pair.source_image.display(),
+            pair.target_image.display(),
+            mb(pair.image_bytes),
         );
+        println!(
+            "{:<34} {:>6} {:>11} {:>9} {:>9} {:>9}  verifies",
+            "payload", "kind", "size", "make s", "apply s", "RSS MiB"
+        );
+        for row in r.rows.iter().filter(|row| row.pair == pair.name) {
+            println!(
+                "{:<34} {:>6} {:>11} {:>9.1} {:>9.2} {:>9}  {}",
+                row.name,
+                row.kind,
+                mb(row.payload_bytes),
+                row.make_seconds,
+                row.apply_seconds,
+                row.apply_peak_rss_kib / 1024,
+                row.verifies
+            );
+        }
     }
     println!();
     for g in &r.goals {
         println!(
-            "{} {:<52} {} (ratio {:.2}, limit {:.2})",
+            "{} {:<12} {:<52} {} (ratio {:.2}, limit {:.2})",
             if g.met { "met    " } else { "NOT MET" },
+            g.pair,
             g.goal,
             g.measured,
             g.ratio,
