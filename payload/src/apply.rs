@@ -22,7 +22,7 @@ use crate::container::{PayloadError, PayloadHead};
 use crate::digest::{digest_file, sha256, worker_count};
 use crate::format::{
     total_blocks, Extent, ImageRef, Manifest, Operation, Sha256Hex, BLOCK_SIZE, MAX_BSDIFF_BODY,
-    MAX_RECIPE_BODY,
+    MAX_EROFS_BODY, MAX_RECIPE_BODY,
 };
 use crate::make::read_extents;
 use crate::region::{ByteRange, Region};
@@ -80,6 +80,11 @@ pub enum ApplyError {
     Recompress {
         op: usize,
         error: crate::recompress::RecompressError,
+    },
+    #[error("operation {op} (erofs): {error}")]
+    Erofs {
+        op: usize,
+        error: crate::erofs::ErofsError,
     },
     #[error("component {component}: target {path} does not read back as the signed image (SHA-256 {found}, expected {expected}); do not boot it")]
     ReadBack {
@@ -283,6 +288,8 @@ struct Slot {
     target: Region,
     target_path: PathBuf,
     source: Option<Region>,
+    /// The signed (and verified) length of the source image.
+    source_size: Option<u64>,
 }
 
 struct Job {
@@ -430,6 +437,7 @@ pub fn apply<R: PayloadReader>(
             target: Region::new(target, range),
             target_path: p.target.clone(),
             source,
+            source_size: c.source.as_ref().map(|s| s.size),
         });
     }
 
@@ -878,6 +886,43 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
             let read = |buf: &mut [u8], offset: u64| slot.target.read_exact_at(buf, offset);
             let write = |buf: &[u8], offset: u64| slot.target.write_all_at(buf, offset);
             crate::recompress::rebuild(&recipe, encoder, *content_len, dst, chunks, &read, &write)
+                .map_err(failed)?;
+        }
+        Operation::Erofs {
+            content_len,
+            encoder,
+            chunks,
+            blob,
+            ..
+        } => {
+            let bytes = job.blob.unwrap_or_default();
+            if sha256(&bytes) != blob.sha256 {
+                return Err(ApplyError::BlobHash {
+                    op: job.index,
+                    offset: blob.offset,
+                    end: blob.offset + blob.len,
+                });
+            }
+            let body =
+                zstd_decompress_bounded(&bytes, MAX_EROFS_BODY as usize).map_err(|reason| {
+                    ApplyError::Decode {
+                        op: job.index,
+                        reason,
+                    }
+                })?;
+            let failed = |error| ApplyError::Erofs {
+                op: job.index,
+                error,
+            };
+            let source = slot
+                .source
+                .as_ref()
+                .ok_or_else(|| ApplyError::MissingSource(String::new()))?;
+            let source_size = slot.source_size.unwrap_or(0);
+            let body = crate::erofs::Body::parse(&body, source_size).map_err(failed)?;
+            let read = |buf: &mut [u8], offset: u64| source.read_exact_at(buf, offset);
+            let write = |buf: &[u8], offset: u64| slot.target.write_all_at(buf, offset);
+            crate::erofs::rebuild(&body, encoder, *content_len, dst, chunks, &read, &write)
                 .map_err(failed)?;
         }
     }

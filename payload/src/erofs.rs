@@ -62,6 +62,18 @@ pub enum ErofsError {
     Malformed(String),
     #[error("reading the erofs image: {0}")]
     Io(#[from] io::Error),
+    #[error("the operation's body is malformed: {0}")]
+    Body(&'static str),
+    #[error("the old file's content: {0}")]
+    Source(String),
+    #[error("bsdiff: {0}")]
+    Patch(#[from] crate::bsdiff::BsdiffError),
+    #[error(
+        "mkfs.erofs would store the rebuilt file uncompressed; the operation expects pclusters"
+    )]
+    NotCompressed,
+    #[error(transparent)]
+    Output(#[from] crate::recompress::RecompressError),
 }
 
 fn malformed(what: impl Into<String>) -> ErofsError {
@@ -105,7 +117,7 @@ impl File {
 }
 
 /// Reads `buf.len()` bytes of the image at a byte offset.
-pub type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> io::Result<()> + 'a;
+pub type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> io::Result<()> + Sync + 'a;
 
 struct Superblock {
     root_nid: u64,
@@ -692,6 +704,290 @@ pub fn lz4_decompress_into(src: &[u8], out: &mut [u8]) -> Result<(), &'static st
     if d != out.len() {
         return Err("it decodes to fewer bytes than its extent");
     }
+    Ok(())
+}
+
+/// The liblz4 this tandem links (`LZ4_versionNumber`), pinned to 1.9.4.
+pub fn lz4_version() -> u32 {
+    lzzzz::version_number()
+}
+
+/// Bytes of file content mkfs.erofs 1.5 compresses from before it moves
+/// its queue (`EROFS_CONFIG_COMPR_MAX_SZ`); the queue holds twice as many.
+const COMPR_MAX: usize = 900 * 1024;
+const QUEUE: usize = 2 * COMPR_MAX;
+const BS: usize = BLOCK as usize;
+
+/// One pcluster as mkfs.erofs writes it: a 4 KiB block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pcluster {
+    /// The file bytes it holds, from `logical`.
+    pub logical: u64,
+    pub len: u64,
+    /// Whether it is lz4 (else the bytes are stored raw).
+    pub compressed: bool,
+    pub block: Box<[u8; BS]>,
+}
+
+/// Compresses one file's content the way `mkfs.erofs -zlz4hc,LEVEL` of
+/// erofs-utils 1.5 does (one-block pclusters, zero padding, no tail
+/// packing): its queue of file bytes, `LZ4_compress_HC_destSize` into one
+/// block, a block stored raw when compression would not save one. Calls
+/// `emit` with each pcluster in order. Returns whether mkfs.erofs would
+/// keep the file compressed (it stores a file plain when compression saves
+/// no block).
+pub fn compress_file(
+    content: &[u8],
+    level: i32,
+    emit: &mut dyn FnMut(Pcluster) -> Result<(), ErofsError>,
+) -> Result<bool, ErofsError> {
+    let mut q0 = 0usize; // file offset of the queue's first byte
+    let mut head = 0usize; // queue offsets
+    let mut tail = 0usize;
+    let mut remaining = content.len();
+    let mut blocks = 0u64;
+    while remaining > 0 {
+        let read = remaining.min(QUEUE - tail);
+        tail += read;
+        remaining -= read;
+        let last = remaining == 0;
+        let mut len = tail - head;
+        while len > 0 {
+            if len <= BS && !last {
+                break;
+            }
+            let src = &content[q0 + head..q0 + tail];
+            let logical = (q0 + head) as u64;
+            let mut block = Box::new([0u8; BS]);
+            let compressed = if len <= BS {
+                // A last piece of one block or less is stored raw.
+                None
+            } else {
+                lz4hc_block(src, level, !(last && len == src.len()))
+            };
+            let (count, compressed) = match compressed {
+                Some((count, bytes)) => {
+                    block[BS - bytes.len()..].copy_from_slice(&bytes);
+                    (count, true)
+                }
+                None => {
+                    let count = len.min(BS);
+                    block[..count].copy_from_slice(&src[..count]);
+                    (count, false)
+                }
+            };
+            emit(Pcluster {
+                logical,
+                len: count as u64,
+                compressed,
+                block,
+            })?;
+            blocks += 1;
+            head += count;
+            len -= count;
+            if !last && head >= COMPR_MAX {
+                let aligned = head / BS * BS;
+                q0 += aligned;
+                head -= aligned;
+                tail = head + len;
+                break;
+            }
+        }
+    }
+    Ok(blocks < (content.len() as u64).div_ceil(BLOCK))
+}
+
+/// `erofs_compress_destsize` with lz4hc: as much of `src` as fits one
+/// block; `None` when that would not save space (mkfs.erofs then stores
+/// the bytes raw). `in_blocks`: the result is counted in whole blocks.
+fn lz4hc_block(src: &[u8], level: i32, in_blocks: bool) -> Option<(usize, Vec<u8>)> {
+    let mut dst = vec![0u8; BS];
+    let mut cursor = io::Cursor::new(src);
+    let written = lzzzz::lz4_hc::compress_partial(&mut cursor, &mut dst, level).ok()?;
+    if written == 0 {
+        return None;
+    }
+    let consumed = cursor.position() as usize;
+    let counted = if in_blocks || written >= BS || consumed != src.len() {
+        written.div_ceil(BS) * BS
+    } else {
+        written
+    };
+    if consumed <= counted {
+        return None;
+    }
+    dst.truncate(written);
+    Some((consumed, dst))
+}
+
+// ---- The erofs operation: a compressed file re-created on the node. ----
+
+const BODY_MAGIC: &[u8; 4] = b"TEFS";
+const PIECE_LEN: usize = 13;
+
+/// A run of an old file's content in the source image: `len` bytes stored
+/// at byte `offset`, or, when `lz4`, the 4 KiB lz4 block at `offset` that
+/// decompresses to `len` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourcePiece {
+    pub offset: u64,
+    pub len: u32,
+    pub lz4: bool,
+}
+
+impl SourcePiece {
+    /// The old file's content, in order, as the operation names it.
+    pub fn of(file: &File) -> Vec<SourcePiece> {
+        file.extents
+            .iter()
+            .map(|e| match e.storage {
+                Storage::Lz4 { block } => SourcePiece {
+                    offset: block * BLOCK,
+                    len: e.len as u32,
+                    lz4: true,
+                },
+                Storage::Plain { offset } => SourcePiece {
+                    offset,
+                    len: e.len as u32,
+                    lz4: false,
+                },
+            })
+            .collect()
+    }
+}
+
+/// An erofs operation's body (its blob, zstd-compressed), little-endian:
+///
+/// ```text
+/// "TEFS"
+/// count u32
+/// count × (offset u64, len u32, lz4 u8)   the old file's content in order
+/// bsdiff patch body (crate::bsdiff) from the old content to the new
+/// ```
+#[derive(Debug)]
+pub struct Body<'a> {
+    pub source: Vec<SourcePiece>,
+    pub patch: &'a [u8],
+}
+
+pub fn encode_body(source: &[SourcePiece], patch: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + source.len() * PIECE_LEN + patch.len());
+    out.extend_from_slice(BODY_MAGIC);
+    out.extend_from_slice(&(source.len() as u32).to_le_bytes());
+    for p in source {
+        out.extend_from_slice(&p.offset.to_le_bytes());
+        out.extend_from_slice(&p.len.to_le_bytes());
+        out.push(u8::from(p.lz4));
+    }
+    out.extend_from_slice(patch);
+    out
+}
+
+impl<'a> Body<'a> {
+    /// Reads a body; every piece must lie inside the `source_size`-byte
+    /// source image, and the old content fit [`MAX_EROFS_CONTENT`].
+    pub fn parse(body: &'a [u8], source_size: u64) -> Result<Body<'a>, ErofsError> {
+        let rest = body
+            .strip_prefix(BODY_MAGIC)
+            .ok_or(ErofsError::Body("no TEFS magic"))?;
+        let count = rest
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or(ErofsError::Body("no piece count"))?;
+        let table_len = count
+            .checked_mul(PIECE_LEN)
+            .filter(|&n| n <= rest.len() - 4)
+            .ok_or(ErofsError::Body("the piece table runs past its end"))?;
+        let table = &rest[4..4 + table_len];
+        let mut source = Vec::with_capacity(count);
+        let mut total = 0u64;
+        for p in table.chunks_exact(PIECE_LEN) {
+            let piece = SourcePiece {
+                offset: le64(p, 0),
+                len: le32(p, 8),
+                lz4: match p[12] {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(ErofsError::Body("a piece kind is not 0 or 1")),
+                },
+            };
+            let stored = if piece.lz4 {
+                if piece.offset % BLOCK != 0 {
+                    return Err(ErofsError::Body("an lz4 piece is not block-aligned"));
+                }
+                BLOCK
+            } else {
+                u64::from(piece.len)
+            };
+            if piece.len == 0
+                || piece
+                    .offset
+                    .checked_add(stored)
+                    .is_none_or(|end| end > source_size)
+            {
+                return Err(ErofsError::Body("a piece lies outside the source image"));
+            }
+            total += u64::from(piece.len);
+            if total > crate::format::MAX_EROFS_CONTENT {
+                return Err(ErofsError::Body("the old content is over the limit"));
+            }
+            source.push(piece);
+        }
+        Ok(Body {
+            source,
+            patch: &rest[4 + table_len..],
+        })
+    }
+
+    /// The old file's content, read and decompressed from the source image.
+    pub fn old_content(
+        &self,
+        read: &dyn Fn(&mut [u8], u64) -> io::Result<()>,
+    ) -> Result<Vec<u8>, ErofsError> {
+        let total: usize = self.source.iter().map(|p| p.len as usize).sum();
+        let mut old = vec![0u8; total];
+        let mut block = vec![0u8; BS];
+        let mut at = 0usize;
+        for p in &self.source {
+            let dst = &mut old[at..at + p.len as usize];
+            if p.lz4 {
+                read(&mut block, p.offset)?;
+                let start = block.iter().position(|&x| x != 0).unwrap_or(BS);
+                lz4_decompress_into(&block[start..], dst).map_err(|why| {
+                    ErofsError::Source(format!("the lz4 block at byte {}: {why}", p.offset))
+                })?;
+            } else {
+                read(dst, p.offset)?;
+            }
+            at += p.len as usize;
+        }
+        Ok(old)
+    }
+}
+
+/// Runs an erofs operation: the old content from the source image, the
+/// patch applied, the new content compressed into pclusters, each chunk of
+/// them checked against `chunks` before it is written into `dst`.
+pub fn rebuild(
+    body: &Body<'_>,
+    encoder: &crate::format::Lz4Encoder,
+    content_len: u64,
+    dst: &[crate::format::Extent],
+    chunks: &[crate::format::Sha256Hex],
+    read_source: &dyn Fn(&mut [u8], u64) -> io::Result<()>,
+    write: &dyn Fn(&[u8], u64) -> io::Result<()>,
+) -> Result<(), ErofsError> {
+    let old = body.old_content(read_source)?;
+    let new = crate::bsdiff::apply(&old, body.patch, content_len as usize)?;
+    drop(old);
+    let mut out = crate::recompress::ChunkWriter::new(dst, chunks, write);
+    let kept = compress_file(&new, encoder.level, &mut |p| {
+        out.push(&p.block[..]).map_err(ErofsError::from)
+    })?;
+    if !kept {
+        return Err(ErofsError::NotCompressed);
+    }
+    out.finish()?;
     Ok(())
 }
 

@@ -12,7 +12,7 @@ pub const MAGIC: [u8; 8] = *b"TNDMPAY\0";
 /// the `bsdiff` operation, version 3 the `recompress` operation; a payload
 /// is written in the lowest version that has every kind it uses, so one
 /// without either is version 1, which every tandem reads.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format version this code reads.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 /// The version of a manifest whose operations are `ops`: the lowest that
@@ -56,6 +56,12 @@ pub const MAX_RECOMPRESS_CONTENT: u64 = 4 << 30;
 pub const RECOMPRESS_CHUNK: u64 = 1 << 20;
 /// Largest decompressed recipe of one recompress operation.
 pub const MAX_RECIPE_BODY: u64 = 16 << 20;
+/// Largest file (old or new content) an erofs operation rebuilds: the node
+/// holds both in memory while it runs.
+pub const MAX_EROFS_CONTENT: u64 = 8 << 20;
+/// Largest decompressed body (source table and bsdiff patch) of an erofs
+/// operation.
+pub const MAX_EROFS_BODY: u64 = 2 * MAX_EROFS_CONTENT + (1 << 20);
 /// Most components one payload may carry.
 pub const MAX_COMPONENTS: usize = 16;
 /// Segment size of an image digest (see [`Digest`]).
@@ -368,6 +374,32 @@ pub enum Operation {
         chunks: Vec<Sha256Hex>,
         blob: Blob,
     },
+    /// A compressed erofs file re-created on the node: the blob holds the
+    /// old file's place in the source image and a bsdiff patch from its
+    /// content to the new content, which the node compresses into
+    /// pclusters with `encoder` (mkfs.erofs's lz4hc, this node's liblz4);
+    /// each [`RECOMPRESS_CHUNK`] of the `dst` blocks is checked against
+    /// `chunks` before it is written. Format version 4; see
+    /// [`crate::erofs`].
+    Erofs {
+        dst: Vec<Extent>,
+        /// Bytes of the new file's content.
+        content_len: u64,
+        encoder: Lz4Encoder,
+        /// SHA-256 of each [`RECOMPRESS_CHUNK`] of the `dst` bytes.
+        chunks: Vec<Sha256Hex>,
+        blob: Blob,
+    },
+}
+
+/// The lz4 encoder an erofs operation must run: the library version
+/// (`LZ4_versionNumber`, e.g. 10904 for 1.9.4) and the lz4hc level, as
+/// erofs-utils 1.5's `mkfs.erofs -zlz4hc,LEVEL` uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lz4Encoder {
+    pub version: u32,
+    pub level: i32,
 }
 
 /// The zstd encoder a recompress operation must run: the library version
@@ -393,7 +425,8 @@ impl Operation {
             | Operation::Data { dst, .. }
             | Operation::Patch { dst, .. }
             | Operation::Bsdiff { dst, .. }
-            | Operation::Recompress { dst, .. } => dst,
+            | Operation::Recompress { dst, .. }
+            | Operation::Erofs { dst, .. } => dst,
         }
     }
 
@@ -402,7 +435,10 @@ impl Operation {
             Operation::Copy { src, .. }
             | Operation::Patch { src, .. }
             | Operation::Bsdiff { src, .. } => src,
-            Operation::Zero { .. } | Operation::Data { .. } | Operation::Recompress { .. } => &[],
+            Operation::Zero { .. }
+            | Operation::Data { .. }
+            | Operation::Recompress { .. }
+            | Operation::Erofs { .. } => &[],
         }
     }
 
@@ -411,7 +447,8 @@ impl Operation {
             Operation::Data { blob, .. }
             | Operation::Patch { blob, .. }
             | Operation::Bsdiff { blob, .. }
-            | Operation::Recompress { blob, .. } => Some(blob),
+            | Operation::Recompress { blob, .. }
+            | Operation::Erofs { blob, .. } => Some(blob),
             Operation::Zero { .. } | Operation::Copy { .. } => None,
         }
     }
@@ -424,6 +461,7 @@ impl Operation {
             Operation::Patch { .. } => OpKind::Patch,
             Operation::Bsdiff { .. } => OpKind::Bsdiff,
             Operation::Recompress { .. } => OpKind::Recompress,
+            Operation::Erofs { .. } => OpKind::Erofs,
         }
     }
 
@@ -433,7 +471,8 @@ impl Operation {
             Operation::Data { blob, .. }
             | Operation::Patch { blob, .. }
             | Operation::Bsdiff { blob, .. }
-            | Operation::Recompress { blob, .. } => Some(blob),
+            | Operation::Recompress { blob, .. }
+            | Operation::Erofs { blob, .. } => Some(blob),
             Operation::Zero { .. } | Operation::Copy { .. } => None,
         }
     }
@@ -449,6 +488,7 @@ pub enum OpKind {
     Patch,
     Bsdiff,
     Recompress,
+    Erofs,
 }
 
 impl OpKind {
@@ -458,6 +498,7 @@ impl OpKind {
             OpKind::Zero | OpKind::Copy | OpKind::Data | OpKind::Patch => 1,
             OpKind::Bsdiff => 2,
             OpKind::Recompress => 3,
+            OpKind::Erofs => 4,
         }
     }
 }
@@ -490,8 +531,8 @@ mod tests {
         b[0] = b'X';
         assert_eq!(Header::decode(&b), Err(HeaderError::BadMagic));
         let mut b = good;
-        b[8] = 4;
-        assert_eq!(Header::decode(&b), Err(HeaderError::UnsupportedVersion(4)));
+        b[8] = 5;
+        assert_eq!(Header::decode(&b), Err(HeaderError::UnsupportedVersion(5)));
         let mut b = good;
         b[20] ^= 1;
         assert_eq!(Header::decode(&b), Err(HeaderError::BadChecksum));

@@ -8,7 +8,9 @@
 //! - [`plan`]: the planner's pure decisions; [`make`] does its I/O.
 //! - [`bsdiff`]: the executable-friendly binary diff of `bsdiff` operations.
 //! - [`recompress`]: zstd streams re-created on the node from a recipe.
-//! - [`erofs`]: which image blocks hold which file of an erofs image.
+//! - [`erofs`]: erofs images read (files and their lz4 extents), and the
+//!   erofs operation that re-creates a compressed file on the node; its
+//!   maker's side is `erofs_delta`.
 //! - [`apply`]: streamed apply with checkpoints and read-back verification.
 //! - [`digest`]: segmented SHA-256 of images, on every core.
 //! - [`index`]: the signed release index and the choice of release.
@@ -22,6 +24,7 @@ pub mod bsdiff;
 pub mod container;
 pub mod digest;
 pub mod erofs;
+mod erofs_delta;
 pub mod files;
 pub mod format;
 pub mod index;

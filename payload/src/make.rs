@@ -38,6 +38,8 @@ pub enum MakeError {
     Zstd(&'static str),
     #[error(transparent)]
     Recompress(#[from] RecompressError),
+    #[error("erofs: {0}")]
+    Erofs(crate::erofs::ErofsError),
     #[error(transparent)]
     Payload(#[from] PayloadError),
 }
@@ -62,9 +64,11 @@ pub struct MakeOptions {
     /// keep the smaller (format version 2; off for payloads that nodes
     /// older than it must read).
     pub bsdiff: bool,
-    /// In a delta, re-create changed zstd streams on the node from their
-    /// uncompressed content (format version 3), where this tandem's zstd
-    /// reproduces them exactly.
+    /// In a delta, re-create compressed bytes on the node where this
+    /// tandem's compressor reproduces them exactly: changed zstd streams
+    /// from their uncompressed content (format version 3), and changed
+    /// files of an lz4-compressed erofs image from their predecessors
+    /// (format version 4).
     pub recompress: bool,
 }
 
@@ -306,6 +310,18 @@ fn make_component(
     )
     .map_err(io_err(format!("reading {}", target.display())))?;
     let mut classes = classes;
+    let erofs_ops = match &source_state {
+        Some((file, size, _, _)) if opts.recompress => crate::erofs_delta::plan(
+            &target_file,
+            target_size,
+            file,
+            *size,
+            &mut classes,
+            opts,
+            progress,
+        )?,
+        _ => Vec::new(),
+    };
     let recompressed = if source_view.is_some() && opts.recompress {
         plan_recompress(&target_file, target_size, &mut classes, opts, progress)?
     } else {
@@ -321,9 +337,10 @@ fn make_component(
         data_file,
         progress,
     )?;
-    // Last: they read target blocks the operations before them write.
+    // Last: recompress operations read target blocks the operations
+    // before them write.
     let mut writer = data_file;
-    for (mut op, blob) in recompressed {
+    for (mut op, blob) in erofs_ops.into_iter().chain(recompressed) {
         writer
             .write_all(&blob)
             .map_err(io_err("writing the data section"))?;

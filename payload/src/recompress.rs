@@ -55,7 +55,7 @@ pub enum RecompressError {
     Zstd(String),
     #[error("the re-created stream does not fill the destination: {written} of {expected} bytes")]
     OutputLen { written: u64, expected: u64 },
-    #[error("chunk {chunk} of the re-created stream (bytes {offset}..{end}) does not match its signed SHA-256: this node's zstd did not reproduce it; nothing of it was written")]
+    #[error("chunk {chunk} of the re-created stream (bytes {offset}..{end}) does not match its signed SHA-256: this node's compressor did not reproduce it; nothing of it was written")]
     ChunkHash { chunk: usize, offset: u64, end: u64 },
     #[error("{context}: {error}")]
     Io {
@@ -375,7 +375,7 @@ pub fn compress<E: From<RecompressError>>(
 
 /// The destination bytes of an operation, written [`RECOMPRESS_CHUNK`] at a
 /// time, each checked against its signed hash first.
-struct ChunkWriter<'a> {
+pub(crate) struct ChunkWriter<'a> {
     dst: &'a [Extent],
     chunks: &'a [crate::format::Sha256Hex],
     write: &'a dyn Fn(&[u8], u64) -> io::Result<()>,
@@ -384,8 +384,37 @@ struct ChunkWriter<'a> {
     next_chunk: usize,
 }
 
-impl ChunkWriter<'_> {
-    fn push(&mut self, mut bytes: &[u8]) -> Result<(), RecompressError> {
+impl<'a> ChunkWriter<'a> {
+    pub(crate) fn new(
+        dst: &'a [Extent],
+        chunks: &'a [crate::format::Sha256Hex],
+        write: &'a dyn Fn(&[u8], u64) -> io::Result<()>,
+    ) -> ChunkWriter<'a> {
+        ChunkWriter {
+            dst,
+            chunks,
+            write,
+            buf: Vec::with_capacity(RECOMPRESS_CHUNK as usize),
+            written: 0,
+            next_chunk: 0,
+        }
+    }
+
+    /// Writes the last chunk; checks that the output filled `dst` and used
+    /// every chunk hash.
+    pub(crate) fn finish(mut self) -> Result<(), RecompressError> {
+        self.flush()?;
+        let expected: u64 = self.dst.iter().map(|e| e.count() * BLOCK_SIZE).sum();
+        if self.written != expected || self.next_chunk != self.chunks.len() {
+            return Err(RecompressError::OutputLen {
+                written: self.written,
+                expected,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn push(&mut self, mut bytes: &[u8]) -> Result<(), RecompressError> {
         while !bytes.is_empty() {
             let room = RECOMPRESS_CHUNK as usize - self.buf.len();
             let n = room.min(bytes.len());
@@ -474,15 +503,7 @@ pub fn rebuild(
     read: &dyn Fn(&mut [u8], u64) -> io::Result<()>,
     write: &dyn Fn(&[u8], u64) -> io::Result<()>,
 ) -> Result<(), RecompressError> {
-    let expected: u64 = dst.iter().map(|e| e.count() * BLOCK_SIZE).sum();
-    let mut out = ChunkWriter {
-        dst,
-        chunks,
-        write,
-        buf: Vec::with_capacity(RECOMPRESS_CHUNK as usize),
-        written: 0,
-        next_chunk: 0,
-    };
+    let mut out = ChunkWriter::new(dst, chunks, write);
     out.push(recipe.prefix)?;
     let mut z = StreamCompressor::new(encoder, content_len)?;
     let mut feeder = Feeder {
@@ -512,14 +533,7 @@ pub fn rebuild(
     }
     feeder.finish(&mut emit)?;
     out.push(recipe.suffix)?;
-    out.flush()?;
-    if out.written != expected || out.next_chunk != chunks.len() {
-        return Err(RecompressError::OutputLen {
-            written: out.written,
-            expected,
-        });
-    }
-    Ok(())
+    out.finish()
 }
 
 // ---- Making: finding streams, reproducing them, writing recipes. ----

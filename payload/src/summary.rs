@@ -27,6 +27,7 @@ pub struct ComponentSummary {
     pub patch: KindStats,
     pub bsdiff: KindStats,
     pub recompress: KindStats,
+    pub erofs: KindStats,
 }
 
 /// Counts a manifest's operations.
@@ -47,6 +48,7 @@ pub fn summarize(manifest: &Manifest) -> Vec<ComponentSummary> {
                 patch: KindStats::default(),
                 bsdiff: KindStats::default(),
                 recompress: KindStats::default(),
+                erofs: KindStats::default(),
             };
             for op in &c.operations {
                 let s = match op.kind() {
@@ -56,6 +58,7 @@ pub fn summarize(manifest: &Manifest) -> Vec<ComponentSummary> {
                     OpKind::Patch => &mut summary.patch,
                     OpKind::Bsdiff => &mut summary.bsdiff,
                     OpKind::Recompress => &mut summary.recompress,
+                    OpKind::Erofs => &mut summary.erofs,
                 };
                 s.operations += 1;
                 s.target_bytes += total_blocks(op.dst()) * BLOCK_SIZE;

@@ -5,7 +5,7 @@
 
 use crate::format::{
     total_blocks, Digest, Extent, Header, Manifest, OpKind, Operation, BLOCK_SIZE, DIGEST_SEGMENT,
-    FORMAT_VERSION, MAX_BLOB_LEN, MAX_COMPONENTS, MAX_IMAGE_SIZE, MAX_OP_OUTPUT,
+    FORMAT_VERSION, MAX_BLOB_LEN, MAX_COMPONENTS, MAX_EROFS_CONTENT, MAX_IMAGE_SIZE, MAX_OP_OUTPUT,
     MAX_RECOMPRESS_CONTENT, MAX_RECOMPRESS_OUTPUT, MAX_REFERENCE_LEN, MIN_FORMAT_VERSION,
     RECOMPRESS_CHUNK,
 };
@@ -57,10 +57,11 @@ pub enum ManifestError {
         op: usize,
         problem: String,
     },
-    #[error("component {component}, operation {op}: it re-creates a zstd stream with libzstd {}, this tandem has {} (the stream could not be reproduced)", version_name(.needs), version_name(.has))]
+    #[error("component {component}, operation {op}: it re-creates compressed bytes with {library} {}, this tandem has {} (they could not be reproduced)", version_name(.needs), version_name(.has))]
     Encoder {
         component: String,
         op: usize,
+        library: &'static str,
         needs: u32,
         has: u32,
     },
@@ -158,13 +159,24 @@ pub fn validate(m: &Manifest, header_data_len: u64) -> Result<(), ManifestError>
                     m.format_version
                 )));
             }
-            if let Operation::Recompress { encoder, .. } = op {
-                let has = crate::recompress::zstd_version();
-                if encoder.version != has {
+            let library = match op {
+                Operation::Recompress { encoder, .. } => Some((
+                    "libzstd",
+                    encoder.version,
+                    crate::recompress::zstd_version(),
+                )),
+                Operation::Erofs { encoder, .. } => {
+                    Some(("liblz4", encoder.version, crate::erofs::lz4_version()))
+                }
+                _ => None,
+            };
+            if let Some((library, needs, has)) = library {
+                if needs != has {
                     return Err(ManifestError::Encoder {
                         component: c.name.clone(),
                         op: i,
-                        needs: encoder.version,
+                        library,
+                        needs,
                         has,
                     });
                 }
@@ -205,6 +217,7 @@ fn kind_name(kind: OpKind) -> &'static str {
         OpKind::Patch => "patch",
         OpKind::Bsdiff => "bsdiff",
         OpKind::Recompress => "recompress",
+        OpKind::Erofs => "erofs",
     }
 }
 
@@ -305,6 +318,35 @@ fn check_op(op: &Operation, target_blocks: u64, source_blocks: Option<u64>) -> R
                     "zstd level {} or {} workers is out of range",
                     encoder.level, encoder.workers
                 ));
+            }
+        }
+        Operation::Erofs {
+            content_len,
+            encoder,
+            chunks,
+            ..
+        } => {
+            if source_blocks.is_none() {
+                return Err(
+                    "re-creates an erofs file from a source image, but the component has none"
+                        .into(),
+                );
+            }
+            // One block per pcluster, each holding at least one byte.
+            let out = dst_blocks * BLOCK_SIZE;
+            if *content_len == 0 || *content_len > MAX_EROFS_CONTENT || dst_blocks > *content_len {
+                return Err(format!(
+                    "builds {content_len} bytes into {dst_blocks} blocks (at most {MAX_EROFS_CONTENT} bytes, a block needs one)"
+                ));
+            }
+            if chunks.len() as u64 != out.div_ceil(RECOMPRESS_CHUNK) {
+                return Err(format!(
+                    "has {} chunk hashes for {out} bytes in {RECOMPRESS_CHUNK}-byte chunks",
+                    chunks.len()
+                ));
+            }
+            if !(1..=12).contains(&encoder.level) {
+                return Err(format!("lz4hc level {} is out of range", encoder.level));
             }
         }
         Operation::Data { .. } | Operation::Patch { .. } | Operation::Bsdiff { .. } => {

@@ -939,3 +939,174 @@ fn a_new_initrd_is_re_created_from_the_new_files_and_a_wrong_encoder_is_caught()
     assert!(err.is_unknown_format(), "{err}");
     assert!(fs::read(&slot).unwrap().iter().all(|&b| b == 0xa5));
 }
+
+/// An erofs image of `tree`, lz4hc as Azure Container Linux builds `/usr`,
+/// padded to `size` bytes.
+fn erofs_image(tree: &Path, out: &Path, size: u64) {
+    let status = std::process::Command::new("mkfs.erofs")
+        .args([
+            "--quiet",
+            "-zlz4hc,12",
+            "-T0",
+            "-U",
+            "6b8f1c2e-3d4a-4b5c-9e6f-7a8b9c0d1e2f",
+        ])
+        .arg(out)
+        .arg(tree)
+        .status()
+        .expect("mkfs.erofs (erofs-utils) is installed");
+    assert!(status.success());
+    let len = fs::metadata(out).unwrap().len();
+    assert!(len <= size, "{len} bytes of erofs");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(out)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+}
+
+/// Module-like files: text with runs of noise, as code and data mix.
+fn module(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut i = 0;
+    while out.len() < len {
+        out.extend(tandem_testkit::text(seed * 1000 + i, 3000));
+        out.extend(tandem_testkit::noise(seed * 1000 + i, 300));
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn a_changed_erofs_file_is_re_created_from_its_predecessor_and_a_wrong_encoder_is_caught() {
+    let f = fixture("erofs");
+    let (old_tree, new_tree) = (f.path("old-tree"), f.path("new-tree"));
+    for (tree, release, version) in [
+        (&old_tree, "6.1.0-1-amd64", 1u8),
+        (&new_tree, "6.1.0-2-amd64", 2),
+    ] {
+        let modules = tree.join("lib/modules").join(release).join("kernel");
+        fs::create_dir_all(&modules).unwrap();
+        for m in 0..12u64 {
+            let mut bytes = module(m, 60_000 + m as usize * 20_000);
+            if version == 2 {
+                // A rebuilt module: a version string every 16 KiB, and a
+                // new signature at the end.
+                for at in (100..bytes.len()).step_by(16384) {
+                    bytes[at..at + 8].copy_from_slice(b"6.1.0-2\0");
+                }
+                bytes.extend(tandem_testkit::noise(900 + m, 512));
+            }
+            fs::write(modules.join(format!("mod{m}.ko")), bytes).unwrap();
+        }
+        fs::create_dir_all(tree.join("lib/x86_64-linux-gnu")).unwrap();
+        let mut lib = module(50, 900_000);
+        if version == 2 {
+            lib[400_000..400_016].copy_from_slice(b"patched security");
+        }
+        fs::write(tree.join("lib/x86_64-linux-gnu/libfoo.so.1"), lib).unwrap();
+        fs::write(tree.join("lib/unchanged"), module(60, 200_000)).unwrap();
+        if version == 2 {
+            fs::write(tree.join("lib/brand-new"), module(70, 150_000)).unwrap();
+        }
+    }
+    let (old_path, new_path) = (f.path("old.erofs"), f.path("new.erofs"));
+    erofs_image(&old_tree, &old_path, 8 << 20);
+    erofs_image(&new_tree, &new_path, 8 << 20);
+    let new = fs::read(&new_path).unwrap();
+
+    let with = make_from(&f, &old_path, &new_path, &options(), "erofs.tpl");
+    let without = make_from(
+        &f,
+        &old_path,
+        &new_path,
+        &MakeOptions {
+            recompress: false,
+            ..options()
+        },
+        "blocks.tpl",
+    );
+    let stats = &payload::summary::summarize(&with)[0];
+    // Every module (paired across the release rename), the library and the
+    // new file; the unchanged file is copied.
+    assert_eq!(stats.erofs.operations, 14, "{stats:?}");
+    assert_eq!(with.format_version, 4);
+    assert!(without.format_version < 4);
+    let (a, b) = (
+        fs::metadata(f.path("erofs.tpl")).unwrap().len(),
+        fs::metadata(f.path("blocks.tpl")).unwrap().len(),
+    );
+    eprintln!("erofs pair: erofs-operation delta {a} bytes, block delta {b} bytes");
+    // The noise in the fixture (new signatures, the new file) is most of
+    // what is left; the bench pair shows the gain on a real OS.
+    assert!(a * 3 < b * 2, "erofs {a} blocks {b}");
+
+    let slot = f.path("erofs-slot");
+    let apply = |payload: &[u8]| {
+        fs::write(&slot, vec![0xa5u8; new.len()]).unwrap();
+        payload::apply(
+            Cursor::new(payload),
+            &f.keyring,
+            &[ComponentPaths {
+                component: "usr".into(),
+                target: slot.clone(),
+                target_range: None,
+                source: Some(old_path.clone()),
+                source_range: None,
+            }],
+            &ApplyOptions::default(),
+            &mut |_| ControlFlow::Continue(()),
+        )
+    };
+    let bytes = fs::read(f.path("erofs.tpl")).unwrap();
+    apply(&bytes).unwrap();
+    assert!(fs::read(&slot).unwrap() == new, "byte-exact round trip");
+
+    // A signed manifest naming another lz4hc level: the node's pclusters
+    // differ from the signed ones, the first chunk of each operation fails
+    // its hash, the apply stops with that error, and no block of those
+    // files is written.
+    let mut dsts = Vec::new();
+    let bad = resign(&f, &bytes, |m| {
+        for op in &mut m.components[0].operations {
+            if let Operation::Erofs {
+                encoder, dst: d, ..
+            } = op
+            {
+                encoder.level = 9;
+                dsts.extend(d.iter().copied());
+            }
+        }
+    });
+    let err = apply(&bad).unwrap_err();
+    assert!(matches!(err, ApplyError::Erofs { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("does not match its signed SHA-256"),
+        "{err}"
+    );
+    let written = fs::read(&slot).unwrap();
+    for d in &dsts {
+        let range = d.0 as usize * 4096..(d.0 + d.1) as usize * 4096;
+        assert!(
+            written[range].iter().all(|&b| b == 0xa5),
+            "{d:?} was written"
+        );
+    }
+
+    // A node whose liblz4 is another version refuses the payload before
+    // writing, as a format it cannot read: it takes the full payload.
+    let other = resign(&f, &bytes, |m| {
+        for op in &mut m.components[0].operations {
+            if let Operation::Erofs { encoder, .. } = op {
+                encoder.version += 1;
+            }
+        }
+    });
+    let err = apply(&other).unwrap_err();
+    assert!(err.is_unknown_format(), "{err}");
+    assert!(err.to_string().contains("liblz4"), "{err}");
+    assert!(fs::read(&slot).unwrap().iter().all(|&b| b == 0xa5));
+}
