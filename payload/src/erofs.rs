@@ -1029,6 +1029,78 @@ mod tests {
     }
 
     #[test]
+    fn an_operation_body_round_trips_and_bad_tables_are_refused() {
+        let pieces = [
+            SourcePiece {
+                offset: 8192,
+                len: 20_000,
+                lz4: true,
+            },
+            SourcePiece {
+                offset: 12_300,
+                len: 700,
+                lz4: false,
+            },
+        ];
+        let body = encode_body(&pieces, b"patch");
+        let parsed = Body::parse(&body, 16384).unwrap();
+        assert_eq!(parsed.source, pieces);
+        assert_eq!(parsed.patch, b"patch");
+        // A piece past the source image, a misaligned lz4 block, a bad
+        // kind, a table longer than the body, no magic.
+        assert!(Body::parse(&body, 12_000).is_err());
+        let mut misaligned = pieces;
+        misaligned[0].offset = 8000;
+        assert!(Body::parse(&encode_body(&misaligned, b""), 16384).is_err());
+        let mut kind = body.clone();
+        kind[8 + 12] = 2;
+        assert!(Body::parse(&kind, 16384).is_err());
+        assert!(Body::parse(&body[..20], 16384).is_err());
+        assert!(Body::parse(b"XEFS\0\0\0\0", 16384).is_err());
+        // Old content over the limit.
+        let huge: Vec<SourcePiece> = (0..3)
+            .map(|_| SourcePiece {
+                offset: 0,
+                len: 3 << 20,
+                lz4: false,
+            })
+            .collect();
+        assert!(Body::parse(&encode_body(&huge, b""), 1 << 30).is_err());
+    }
+
+    #[test]
+    fn compressing_keeps_mkfs_erofs_rules_for_small_and_incompressible_files() {
+        let collect = |content: &[u8]| {
+            let mut out = Vec::new();
+            let kept = compress_file(content, 12, &mut |p| {
+                out.push(p);
+                Ok(())
+            })
+            .unwrap();
+            (kept, out)
+        };
+        // One block or less: stored raw, so mkfs.erofs keeps it plain.
+        let (kept, blocks) = collect(&[7u8; 4096]);
+        assert!(!kept);
+        assert_eq!(blocks.len(), 1);
+        assert!(!blocks[0].compressed);
+        // Repetitive bytes: one lz4 block, zero padded at its front, that
+        // decodes back to them.
+        let content: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let (kept, blocks) = collect(&content);
+        assert!(kept);
+        let mut back = vec![0u8; content.len()];
+        for p in &blocks {
+            assert!(p.compressed);
+            assert_eq!(p.block[0], 0, "zero padding first");
+            let start = p.block.iter().position(|&b| b != 0).unwrap();
+            let dst = &mut back[p.logical as usize..(p.logical + p.len) as usize];
+            lz4_decompress_into(&p.block[start..], dst).unwrap();
+        }
+        assert!(back == content);
+    }
+
+    #[test]
     fn garbage_is_not_erofs() {
         let bytes = vec![0x5au8; 8192];
         let read = |buf: &mut [u8], off: u64| {

@@ -130,8 +130,10 @@ struct MakeCommon {
     /// tandem predates format version 2.
     #[arg(long)]
     no_bsdiff: bool,
-    /// Make no recompress operations (format version 3): changed zstd
-    /// streams, such as an initrd, ship as compressed blocks.
+    /// Make no recompressing operations: changed zstd streams, such as an
+    /// initrd (recompress, format version 3), and changed files of an
+    /// lz4hc erofs image (erofs, format version 4) ship as compressed
+    /// blocks.
     #[arg(long)]
     no_recompress: bool,
     /// Print the summary as JSON.
@@ -616,6 +618,7 @@ fn print_components(components: &[payload::summary::ComponentSummary]) {
             ("patch", c.patch),
             ("bsdiff", c.bsdiff),
             ("recompress", c.recompress),
+            ("erofs", c.erofs),
         ] {
             println!(
                 "  {:<10} {:>8} {:>14} {:>14}",

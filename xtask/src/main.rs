@@ -38,8 +38,8 @@ use bootconfig::{BootBackend, SlotLayout};
 /// GnuPG (payload signatures made and checked by gpg), mkfs.ext4, the
 /// Prometheus reference parser (the metrics test reads tandem's metrics
 /// with it), openssl and curl (the cluster tests' certificates and the API
-/// server's readiness).
-pub(crate) const PACKAGES: [&str; 13] = [
+/// server's readiness), mkfs.erofs.
+pub(crate) const PACKAGES: [&str; 14] = [
     "gdisk",
     "cgpt",
     "systemd-boot",
@@ -55,6 +55,9 @@ pub(crate) const PACKAGES: [&str; 13] = [
     "cryptsetup-bin",
     "binutils",
     "systemd-boot-efi",
+    // mkfs.erofs makes the lz4hc erofs images the erofs reader and the
+    // erofs operation are tested on.
+    "erofs-utils",
 ];
 
 fn main() -> std::process::ExitCode {
