@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use crate::container::{PayloadError, PayloadHead};
 use crate::digest::{digest_file, sha256, worker_count};
 use crate::format::{
-    total_blocks, Extent, ImageRef, Manifest, Operation, Sha256Hex, BLOCK_SIZE, MAX_BSDIFF_BODY,
-    MAX_EROFS_BODY, MAX_RECIPE_BODY,
+    total_blocks, Extent, ImageRef, Manifest, Operation, Sha256Hex, BLOCK_SIZE,
+    EROFS_ALONE_CONTENT, MAX_BSDIFF_BODY, MAX_EROFS_BODY, MAX_RECIPE_BODY,
 };
 use crate::make::read_extents;
 use crate::region::{ByteRange, Region};
@@ -582,8 +582,13 @@ pub fn apply<R: PayloadReader>(
                 None => None,
             };
             // A recompress operation reads target blocks that the
-            // operations before it write: it runs alone, after them.
-            let alone = matches!(op, Operation::Recompress { .. });
+            // operations before it write: it runs alone, after them. A
+            // large erofs operation runs alone to bound memory.
+            let alone = match op {
+                Operation::Recompress { .. } => true,
+                Operation::Erofs { content_len, .. } => *content_len > EROFS_ALONE_CONTENT,
+                _ => false,
+            };
             if alone {
                 tally.drain(&done_rx);
                 if tally.failure.is_some() {

@@ -1061,7 +1061,7 @@ mod tests {
         let huge: Vec<SourcePiece> = (0..3)
             .map(|_| SourcePiece {
                 offset: 0,
-                len: 3 << 20,
+                len: 12 << 20,
                 lz4: false,
             })
             .collect();

@@ -153,9 +153,10 @@ pub fn validate(m: &Manifest, header_data_len: u64) -> Result<(), ManifestError>
             check_op(op, target_blocks, source_blocks).map_err(bad)?;
             let needs = op.kind().format_version();
             if m.format_version < needs {
+                let name = kind_name(op.kind());
+                let article = if name.starts_with('e') { "an" } else { "a" };
                 return Err(bad(format!(
-                    "a {} operation needs format version {needs}, the manifest is version {}",
-                    kind_name(op.kind()),
+                    "{article} {name} operation needs format version {needs}, the manifest is version {}",
                     m.format_version
                 )));
             }
@@ -597,7 +598,7 @@ mod tests {
         let mut m = delta(bsdiff_ops(), 15);
         m.format_version = 2;
         assert_eq!(validate(&m, 15), Ok(()));
-        for version in [0, 4] {
+        for version in [0, 5] {
             m.format_version = version;
             assert_eq!(validate(&m, 15), Err(ManifestError::Version(version)));
         }
@@ -667,6 +668,90 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("libzstd 1.5.7, this tandem has 1.5.4"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_erofs_operation_needs_version_4_a_source_this_liblz4_and_bounded_content() {
+        let encoder = crate::format::Lz4Encoder {
+            version: crate::erofs::lz4_version(),
+            level: 12,
+        };
+        let ops = |encoder, content_len: u64, chunks: usize| {
+            let mut ops = good_ops();
+            ops[3] = Operation::Erofs {
+                dst: vec![Extent(6, 3)],
+                content_len,
+                encoder,
+                chunks: vec![Sha256Hex([3; 32]); chunks],
+                blob: blob(10, 5),
+            };
+            ops
+        };
+        let err = validate(&delta(ops(encoder, 50_000, 1), 15), 15).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("an erofs operation needs format version 4"),
+            "{err}"
+        );
+        let mut m = delta(ops(encoder, 50_000, 1), 15);
+        m.format_version = 4;
+        assert_eq!(validate(&m, 15), Ok(()));
+        for (bad, why) in [
+            (ops(encoder, 50_000, 2), "2 chunk hashes"),
+            (ops(encoder, 2, 1), "builds 2 bytes into 3 blocks"),
+            (ops(encoder, 40 << 20, 1), "builds 41943040 bytes"),
+            (
+                ops(
+                    crate::format::Lz4Encoder {
+                        level: 13,
+                        ..encoder
+                    },
+                    50_000,
+                    1,
+                ),
+                "level 13",
+            ),
+        ] {
+            m.components[0].operations = bad;
+            let err = validate(&m, 15).unwrap_err();
+            assert!(err.to_string().contains(why), "{err}");
+        }
+        // A full payload has no source to re-create the file from.
+        m.components[0].operations = ops(encoder, 50_000, 1);
+        m.components[0].source = None;
+        m.source_version = None;
+        m.components[0].operations[1] = Operation::Zero {
+            dst: vec![Extent(2, 3)],
+        };
+        let err = validate(&m, 15).unwrap_err();
+        assert!(err.to_string().contains("has none"), "{err}");
+        // Another liblz4: refused as a format this node cannot read.
+        let mut m = delta(ops(encoder, 50_000, 1), 15);
+        m.format_version = 4;
+        m.components[0].operations = ops(
+            crate::format::Lz4Encoder {
+                version: 11000,
+                ..encoder
+            },
+            50_000,
+            1,
+        );
+        let err = validate(&m, 15).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ManifestError::Encoder {
+                    library: "liblz4",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("liblz4 1.10.0, this tandem has 1.9.4"),
             "{err}"
         );
     }
