@@ -865,6 +865,7 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
             encoder,
             chunks,
             blob,
+            erofs_view,
             ..
         } => {
             let bytes = job.blob.unwrap_or_default();
@@ -886,8 +887,9 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
                 op: job.index,
                 error,
             };
-            let recipe = crate::recompress::Recipe::parse(&body, *content_len, slot.image.size)
-                .map_err(failed)?;
+            let recipe =
+                crate::recompress::Recipe::parse(&body, *content_len, slot.image.size, *erofs_view)
+                    .map_err(failed)?;
             let read = |buf: &mut [u8], offset: u64| slot.target.read_exact_at(buf, offset);
             let write = |buf: &[u8], offset: u64| slot.target.write_all_at(buf, offset);
             crate::recompress::rebuild(&recipe, encoder, *content_len, dst, chunks, &read, &write)

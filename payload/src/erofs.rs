@@ -873,12 +873,7 @@ pub struct Body<'a> {
 pub fn encode_body(source: &[SourcePiece], patch: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + source.len() * PIECE_LEN + patch.len());
     out.extend_from_slice(BODY_MAGIC);
-    out.extend_from_slice(&(source.len() as u32).to_le_bytes());
-    for p in source {
-        out.extend_from_slice(&p.offset.to_le_bytes());
-        out.extend_from_slice(&p.len.to_le_bytes());
-        out.push(u8::from(p.lz4));
-    }
+    encode_pieces(source, &mut out);
     out.extend_from_slice(patch);
     out
 }
@@ -898,41 +893,9 @@ impl<'a> Body<'a> {
             .checked_mul(PIECE_LEN)
             .filter(|&n| n <= rest.len() - 4)
             .ok_or(ErofsError::Body("the piece table runs past its end"))?;
-        let table = &rest[4..4 + table_len];
-        let mut source = Vec::with_capacity(count);
-        let mut total = 0u64;
-        for p in table.chunks_exact(PIECE_LEN) {
-            let piece = SourcePiece {
-                offset: le64(p, 0),
-                len: le32(p, 8),
-                lz4: match p[12] {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(ErofsError::Body("a piece kind is not 0 or 1")),
-                },
-            };
-            let stored = if piece.lz4 {
-                if piece.offset % BLOCK != 0 {
-                    return Err(ErofsError::Body("an lz4 piece is not block-aligned"));
-                }
-                BLOCK
-            } else {
-                u64::from(piece.len)
-            };
-            if piece.len == 0
-                || piece
-                    .offset
-                    .checked_add(stored)
-                    .is_none_or(|end| end > source_size)
-            {
-                return Err(ErofsError::Body("a piece lies outside the source image"));
-            }
-            total += u64::from(piece.len);
-            if total > crate::format::MAX_EROFS_CONTENT {
-                return Err(ErofsError::Body("the old content is over the limit"));
-            }
-            source.push(piece);
-        }
+        let source = decode_pieces(&rest[4..4 + table_len]).map_err(ErofsError::Body)?;
+        check_pieces(&source, source_size, crate::format::MAX_EROFS_CONTENT)
+            .map_err(ErofsError::Body)?;
         Ok(Body {
             source,
             patch: &rest[4 + table_len..],
@@ -964,6 +927,189 @@ impl<'a> Body<'a> {
         Ok(old)
     }
 }
+
+/// Decompressed file bytes of an erofs image as one run of bytes: the
+/// pieces, each placed right after the one before. A recompress operation
+/// takes an initrd's files from it when the image is erofs (its files are
+/// compressed, so the image's own bytes hold few of them).
+#[derive(Debug)]
+pub struct View {
+    pieces: Vec<SourcePiece>,
+    starts: Vec<u64>,
+    len: u64,
+    /// The last few lz4 pieces decompressed: (piece index, bytes).
+    cache: std::cell::RefCell<Vec<(usize, Vec<u8>)>>,
+}
+
+const VIEW_CACHE: usize = 8;
+
+impl View {
+    pub fn new(pieces: Vec<SourcePiece>) -> View {
+        let mut starts = Vec::with_capacity(pieces.len());
+        let mut len = 0u64;
+        for p in &pieces {
+            starts.push(len);
+            len += u64::from(p.len);
+        }
+        View {
+            pieces,
+            starts,
+            len,
+            cache: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Every file extent of an image, in path order, except those that
+    /// touch one of the `skip` byte ranges of the image.
+    pub fn of_files(files: &[File], skip: &[(u64, u64)]) -> View {
+        let touches = |p: &SourcePiece| {
+            let end = p.offset + if p.lz4 { BLOCK } else { u64::from(p.len) };
+            skip.iter().any(|&(a, b)| p.offset < b && a < end)
+        };
+        View::new(
+            files
+                .iter()
+                .flat_map(SourcePiece::of)
+                .filter(|p| !touches(p))
+                .collect(),
+        )
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn pieces(&self) -> &[SourcePiece] {
+        &self.pieces
+    }
+
+    /// The piece holding byte `offset` of the view, and where it starts.
+    pub fn piece_at(&self, offset: u64) -> Option<(usize, u64)> {
+        if offset >= self.len {
+            return None;
+        }
+        let i = self.starts.partition_point(|&s| s <= offset) - 1;
+        Some((i, self.starts[i]))
+    }
+
+    /// Reads `buf.len()` bytes of the view from `offset`, decompressing
+    /// through `image` (reads of the image the pieces are in).
+    pub fn read(
+        &self,
+        image: &dyn Fn(&mut [u8], u64) -> io::Result<()>,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> io::Result<()> {
+        let outside = || io::Error::new(io::ErrorKind::UnexpectedEof, "read past the erofs view");
+        let mut at = offset;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let (i, start) = self.piece_at(at).ok_or_else(outside)?;
+            let p = self.pieces[i];
+            let within = (at - start) as usize;
+            let n = (p.len as usize - within).min(buf.len() - done);
+            let dst = &mut buf[done..done + n];
+            if p.lz4 {
+                let mut cache = self.cache.borrow_mut();
+                let hit = cache.iter().position(|(k, _)| *k == i);
+                let bytes = match hit {
+                    Some(h) => &cache[h].1,
+                    None => {
+                        let mut block = vec![0u8; BS];
+                        image(&mut block, p.offset)?;
+                        let first = block.iter().position(|&x| x != 0).unwrap_or(BS);
+                        let mut out = vec![0u8; p.len as usize];
+                        lz4_decompress_into(&block[first..], &mut out).map_err(|why| {
+                            io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("the erofs lz4 block at byte {}: {why}", p.offset),
+                            )
+                        })?;
+                        if cache.len() == VIEW_CACHE {
+                            cache.remove(0);
+                        }
+                        cache.push((i, out));
+                        &cache[cache.len() - 1].1
+                    }
+                };
+                dst.copy_from_slice(&bytes[within..within + n]);
+            } else {
+                image(dst, p.offset + within as u64)?;
+            }
+            done += n;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a table of source pieces against an image of `image_size`
+/// bytes: each inside it (an lz4 piece block-aligned), none empty, their
+/// total at most `limit`.
+pub fn check_pieces(
+    pieces: &[SourcePiece],
+    image_size: u64,
+    limit: u64,
+) -> Result<u64, &'static str> {
+    let mut total = 0u64;
+    for p in pieces {
+        let stored = if p.lz4 {
+            if p.offset % BLOCK != 0 {
+                return Err("an lz4 piece is not block-aligned");
+            }
+            BLOCK
+        } else {
+            u64::from(p.len)
+        };
+        if p.len == 0
+            || p.offset
+                .checked_add(stored)
+                .is_none_or(|end| end > image_size)
+        {
+            return Err("a piece lies outside the image");
+        }
+        total += u64::from(p.len);
+        if total > limit {
+            return Err("the pieces are over the limit");
+        }
+    }
+    Ok(total)
+}
+
+/// Encodes a table of source pieces (13 bytes each).
+pub fn encode_pieces(pieces: &[SourcePiece], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(pieces.len() as u32).to_le_bytes());
+    for p in pieces {
+        out.extend_from_slice(&p.offset.to_le_bytes());
+        out.extend_from_slice(&p.len.to_le_bytes());
+        out.push(u8::from(p.lz4));
+    }
+}
+
+/// Decodes a table of `count` source pieces from `table` (13 bytes each).
+pub fn decode_pieces(table: &[u8]) -> Result<Vec<SourcePiece>, &'static str> {
+    table
+        .chunks_exact(PIECE_LEN)
+        .map(|p| {
+            Ok(SourcePiece {
+                offset: le64(p, 0),
+                len: le32(p, 8),
+                lz4: match p[12] {
+                    0 => false,
+                    1 => true,
+                    _ => return Err("a piece kind is not 0 or 1"),
+                },
+            })
+        })
+        .collect()
+}
+
+/// Bytes of one encoded source piece.
+pub const SOURCE_PIECE_LEN: usize = PIECE_LEN;
 
 /// Runs an erofs operation: the old content from the source image, the
 /// patch applied, the new content compressed into pclusters, each chunk of

@@ -20,8 +20,8 @@ use std::sync::Mutex;
 use crate::digest::sha256;
 use crate::erofs::{self, ErofsError, Image, SourcePiece, Storage};
 use crate::format::{
-    Blob, Extent, Lz4Encoder, Operation, BLOCK_SIZE, MAX_BLOB_LEN, MAX_EROFS_BODY,
-    MAX_EROFS_CONTENT, RECOMPRESS_CHUNK,
+    Blob, Lz4Encoder, Operation, BLOCK_SIZE, MAX_BLOB_LEN, MAX_EROFS_BODY, MAX_EROFS_CONTENT,
+    RECOMPRESS_CHUNK,
 };
 use crate::make::{MakeError, MakeOptions, MakeProgress};
 use crate::plan::BlockClass;
@@ -58,16 +58,8 @@ fn pcluster_blocks(file: &erofs::File) -> Option<Vec<u64>> {
         .collect()
 }
 
-fn extents_of(blocks: &[u64]) -> Vec<Extent> {
-    let mut out: Vec<Extent> = Vec::new();
-    for &b in blocks {
-        match out.last_mut() {
-            Some(e) if e.0 + e.1 == b => e.1 += 1,
-            _ => out.push(Extent(b, 1)),
-        }
-    }
-    out
-}
+/// An operation and its blob.
+type Planned = (Operation, Vec<u8>);
 
 struct Candidate<'f> {
     new: &'f erofs::File,
@@ -119,7 +111,7 @@ pub(crate) fn plan(
     classes: &mut [BlockClass],
     opts: &MakeOptions,
     progress: &(dyn Fn(MakeProgress) + Sync),
-) -> Result<Vec<(Operation, Vec<u8>)>, MakeError> {
+) -> Result<Vec<Planned>, MakeError> {
     let read_target = |buf: &mut [u8], off: u64| target.read_exact_at(buf, off);
     let read_source = |buf: &mut [u8], off: u64| source.read_exact_at(buf, off);
     let (Ok(new_img), Ok(old_img)) = (
@@ -210,7 +202,7 @@ pub(crate) fn plan(
     };
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<(Operation, Vec<u8>)>>> =
+    let results: Mutex<Vec<Option<Planned>>> =
         Mutex::new((0..candidates.len()).map(|_| None).collect());
     let failure: Mutex<Option<MakeError>> = Mutex::new(None);
     let work = || -> Result<(), MakeError> {
@@ -280,7 +272,7 @@ fn plan_file(
     target: &File,
     encoder: &Lz4Encoder,
     opts: &MakeOptions,
-) -> Result<Option<(Operation, Vec<u8>)>, MakeError> {
+) -> Result<Option<Planned>, MakeError> {
     // A file that does not decode is left to the block planner.
     let Ok(new) = new_img.read_file(c.new) else {
         return Ok(None);
@@ -319,7 +311,7 @@ fn plan_file(
         .map(sha256)
         .collect();
     let op = Operation::Erofs {
-        dst: extents_of(&c.blocks),
+        dst: crate::make::plan_extents(&c.blocks),
         content_len: new.len() as u64,
         encoder: *encoder,
         chunks,
@@ -335,15 +327,16 @@ fn plan_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::Extent;
     use std::io;
 
     #[test]
     fn consecutive_blocks_merge_into_extents() {
         assert_eq!(
-            extents_of(&[5, 6, 7, 9, 10, 3]),
+            crate::make::plan_extents(&[5, 6, 7, 9, 10, 3]),
             vec![Extent(5, 3), Extent(9, 2), Extent(3, 1)]
         );
-        assert!(extents_of(&[]).is_empty());
+        assert!(crate::make::plan_extents(&[]).is_empty());
     }
 
     #[test]

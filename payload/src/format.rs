@@ -19,7 +19,7 @@ pub const MIN_FORMAT_VERSION: u32 = 1;
 /// has every kind they use.
 pub fn version_for<'a>(ops: impl IntoIterator<Item = &'a Operation>) -> u32 {
     ops.into_iter()
-        .map(|op| op.kind().format_version())
+        .map(Operation::format_version)
         .max()
         .unwrap_or(MIN_FORMAT_VERSION)
 }
@@ -376,6 +376,10 @@ pub enum Operation {
         /// (the last may be shorter).
         chunks: Vec<Sha256Hex>,
         blob: Blob,
+        /// The recipe takes pieces from the decompressed files of the
+        /// target, an erofs image (format version 4).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        erofs_view: bool,
     },
     /// A compressed erofs file re-created on the node: the blob holds the
     /// old file's place in the source image and a bsdiff patch from its
@@ -453,6 +457,16 @@ impl Operation {
             | Operation::Recompress { blob, .. }
             | Operation::Erofs { blob, .. } => Some(blob),
             Operation::Zero { .. } | Operation::Copy { .. } => None,
+        }
+    }
+
+    /// The first format version that has this operation.
+    pub fn format_version(&self) -> u32 {
+        match self {
+            Operation::Recompress {
+                erofs_view: true, ..
+            } => 4,
+            op => op.kind().format_version(),
         }
     }
 

@@ -623,9 +623,24 @@ fn classify_target(
 /// Smallest content of a zstd stream worth re-creating.
 const MIN_RECOMPRESS_CONTENT: u64 = 1 << 20;
 
+/// A changed zstd stream this tandem's zstd reproduces, and where it is.
+struct Stream {
+    frame: recompress::Frame,
+    encoder: format::ZstdEncoder,
+    /// The destination blocks, in the order the bytes go.
+    dst: Vec<Extent>,
+    /// The destination bytes as the target has them.
+    bytes: Vec<u8>,
+    /// Where the stream's bytes are among them (erofs files), or `None`
+    /// for one contiguous run from `frame.offset`.
+    layout: Option<recompress::Layout>,
+}
+
 /// Finds the changed zstd streams of the target that this tandem's zstd
 /// reproduces, plans a recompress operation for each (claiming its blocks
-/// in `classes`) and returns them with their blobs.
+/// in `classes`) and returns them with their blobs. On an erofs target the
+/// streams are found in its files, and their content in its decompressed
+/// files.
 fn plan_recompress(
     target: &File,
     size: u64,
@@ -636,16 +651,152 @@ fn plan_recompress(
     use plan::BlockClass;
     let read = |buf: &mut [u8], off: u64| target.read_exact_at(buf, off);
     let reading = || io_err("reading the target for zstd streams");
-    let block_of = |off: u64| (off / BLOCK_SIZE) as usize;
     progress(MakeProgress {
         phase: "finding zstd streams",
         done: 0,
         total: 1,
     });
+    let erofs_files = {
+        let image = crate::erofs::Image::open(&read, size).ok();
+        image.and_then(|i| i.files().ok())
+    };
+    let streams = match &erofs_files {
+        Some(files) => erofs_streams(target, files, classes, progress)?,
+        None => raw_streams(target, size, classes, progress)?,
+    };
+    if streams.is_empty() {
+        return Ok(Vec::new());
+    }
+    let forbidden: Vec<(u64, u64)> = streams
+        .iter()
+        .flat_map(|s| &s.dst)
+        .map(|e| (e.start() * BLOCK_SIZE, (e.start() + e.count()) * BLOCK_SIZE))
+        .collect();
+    // Every other written block of the target, by content; on an erofs
+    // target, whose files are compressed, the files' decompressed bytes.
+    progress(MakeProgress {
+        phase: "indexing target for zstd streams",
+        done: 0,
+        total: 1,
+    });
+    let view = erofs_files
+        .as_ref()
+        .map(|files| crate::erofs::View::of_files(files, &forbidden));
+    let read_view = |buf: &mut [u8], off: u64| match &view {
+        Some(v) => v.read(&read, buf, off),
+        None => read(buf, off),
+    };
+    let mut index = TargetIndex::new();
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut pos = 0u64;
+    if let Some(v) = &view {
+        while pos + BLOCK_SIZE <= v.len() {
+            let n = ((v.len() - pos) as usize).min(READ_CHUNK) / BS * BS;
+            read_view(&mut buf[..n], pos).map_err(reading())?;
+            for (i, b) in buf[..n].chunks(BS).enumerate() {
+                index.insert(pos / BLOCK_SIZE + i as u64, b);
+            }
+            pos += n as u64;
+        }
+    }
+    while view.is_none() && pos < size {
+        let n = ((size - pos) as usize).min(READ_CHUNK);
+        read(&mut buf[..n], pos).map_err(reading())?;
+        for (i, b) in buf[..n].chunks(BS).enumerate() {
+            let block = pos / BLOCK_SIZE + i as u64;
+            let at = block * BLOCK_SIZE;
+            let written = matches!(
+                classes[block as usize],
+                BlockClass::Copy(_) | BlockClass::Literal
+            );
+            if written && !forbidden.iter().any(|&(a, b)| (a..b).contains(&at)) {
+                index.insert(block, b);
+            }
+        }
+        pos += n as u64;
+    }
+    let mut out = Vec::new();
+    for st in streams {
+        let (space, skip) = match &view {
+            Some(v) => (v.len(), &[][..]),
+            None => (size, &forbidden[..]),
+        };
+        let mut pieces =
+            recompress::match_content(&st.frame.content, &index, space, skip, &read_view)
+                .map_err(reading())?;
+        let body = match (&view, &st.layout) {
+            (Some(v), Some(layout)) => {
+                let table = compact_view(v, &mut pieces);
+                recompress::encode_recipe_view(
+                    layout,
+                    st.bytes.len() as u64,
+                    &table,
+                    &pieces,
+                    &st.frame.content,
+                )
+            }
+            _ => {
+                let start = st.dst[0].start() * BLOCK_SIZE;
+                let head = (st.frame.offset - start) as usize;
+                let tail = head + st.frame.stream_len as usize;
+                recompress::encode_recipe(
+                    &st.bytes[..head],
+                    &st.bytes[tail..],
+                    &pieces,
+                    &st.frame.content,
+                )
+            }
+        };
+        if body.len() as u64 > MAX_RECIPE_BODY {
+            continue;
+        }
+        let blob = zstd_compress(&body, None, opts.level)?;
+        if blob.len() as u64 > MAX_BLOB_LEN || blob.len() as u64 * 2 > st.frame.stream_len {
+            continue;
+        }
+        let chunks = st
+            .bytes
+            .chunks(RECOMPRESS_CHUNK as usize)
+            .map(sha256)
+            .collect();
+        for e in &st.dst {
+            classes[e.start() as usize..(e.start() + e.count()) as usize].fill(BlockClass::Claimed);
+        }
+        out.push((
+            Operation::Recompress {
+                dst: st.dst,
+                content_len: st.frame.content.len() as u64,
+                encoder: st.encoder,
+                chunks,
+                blob: Blob {
+                    offset: 0,
+                    len: blob.len() as u64,
+                    sha256: sha256(&blob),
+                },
+                erofs_view: st.layout.is_some(),
+            },
+            blob,
+        ));
+    }
+    Ok(out)
+}
+
+/// The changed zstd streams of a target read as blocks: each contiguous,
+/// from a frame header in a changed block.
+fn raw_streams(
+    target: &File,
+    size: u64,
+    classes: &[plan::BlockClass],
+    progress: &(dyn Fn(MakeProgress) + Sync),
+) -> Result<Vec<Stream>, MakeError> {
+    use plan::BlockClass;
+    let read = |buf: &mut [u8], off: u64| target.read_exact_at(buf, off);
+    let reading = || io_err("reading the target for zstd streams");
+    let block_of = |off: u64| (off / BLOCK_SIZE) as usize;
     let changed = |off: u64| classes.get(block_of(off)) == Some(&BlockClass::Literal);
     let headers = recompress::find_frame_headers(&read, size, MIN_RECOMPRESS_CONTENT, &changed)
         .map_err(reading())?;
-    let mut frames = Vec::new();
+    let mut streams = Vec::new();
     let mut free_from = 0u64;
     for (i, &off) in headers.iter().enumerate() {
         progress(MakeProgress {
@@ -677,77 +828,214 @@ fn plan_recompress(
             continue;
         };
         free_from = off + frame.stream_len;
-        frames.push((frame, encoder, first, end, bytes));
+        streams.push(Stream {
+            frame,
+            encoder,
+            dst: vec![Extent(first as u64, (end - first) as u64)],
+            bytes,
+            layout: None,
+        });
     }
-    if frames.is_empty() {
-        return Ok(Vec::new());
-    }
-    let forbidden: Vec<(u64, u64)> = frames
+    Ok(streams)
+}
+
+/// The changed zstd streams in the uncompressed files of an erofs target
+/// (an initrd): a file's bytes may lie in two places (its tail inline,
+/// beside its inode), so each stream carries its layout.
+fn erofs_streams(
+    target: &File,
+    files: &[crate::erofs::File],
+    classes: &[plan::BlockClass],
+    progress: &(dyn Fn(MakeProgress) + Sync),
+) -> Result<Vec<Stream>, MakeError> {
+    use crate::erofs::Storage;
+    use plan::BlockClass;
+    let reading = || io_err("reading the target for zstd streams");
+    let mut streams = Vec::new();
+    let mut taken = std::collections::HashSet::new();
+    let candidates: Vec<&crate::erofs::File> = files
         .iter()
-        .map(|(_, _, first, end, _)| (*first as u64 * BLOCK_SIZE, *end as u64 * BLOCK_SIZE))
+        .filter(|f| {
+            f.size >= BLOCK_SIZE
+                && f.size <= MAX_RECOMPRESS_OUTPUT
+                && !f.is_compressed()
+                && f.extents.first().is_some_and(|e| e.logical == 0)
+        })
         .collect();
-    // Every other written block of the target, by content.
-    progress(MakeProgress {
-        phase: "indexing target for zstd streams",
-        done: 0,
-        total: 1,
-    });
-    let mut index = TargetIndex::new();
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut pos = 0u64;
-    while pos < size {
-        let n = ((size - pos) as usize).min(READ_CHUNK);
-        read(&mut buf[..n], pos).map_err(reading())?;
-        for (i, b) in buf[..n].chunks(BS).enumerate() {
-            let block = pos / BLOCK_SIZE + i as u64;
-            let at = block * BLOCK_SIZE;
-            let written = matches!(
-                classes[block as usize],
-                BlockClass::Copy(_) | BlockClass::Literal
-            );
-            if written && !forbidden.iter().any(|&(a, b)| (a..b).contains(&at)) {
-                index.insert(block, b);
+    for (i, f) in candidates.iter().enumerate() {
+        progress(MakeProgress {
+            phase: "reproducing zstd streams",
+            done: i as u64,
+            total: candidates.len() as u64,
+        });
+        let mut magic = [0u8; 4];
+        let Some(Storage::Plain { offset }) = f.extents.first().map(|e| e.storage) else {
+            continue;
+        };
+        target
+            .read_exact_at(&mut magic, offset)
+            .map_err(reading())?;
+        if magic != [0x28, 0xb5, 0x2f, 0xfd] {
+            continue;
+        }
+        // The file's bytes in the image, and the blocks they touch.
+        let mut content = Vec::with_capacity(f.size as usize);
+        let mut blocks: Vec<u64> = Vec::new();
+        for e in &f.extents {
+            let Storage::Plain { offset } = e.storage else {
+                continue;
+            };
+            let at = content.len();
+            content.resize(at + e.len as usize, 0);
+            target
+                .read_exact_at(&mut content[at..], offset)
+                .map_err(reading())?;
+            for b in offset / BLOCK_SIZE..(offset + e.len).div_ceil(BLOCK_SIZE) {
+                if blocks.last() != Some(&b) {
+                    blocks.push(b);
+                }
             }
         }
-        pos += n as u64;
-    }
-    let mut out = Vec::new();
-    for (frame, encoder, first, end, bytes) in frames {
-        let start = first as u64 * BLOCK_SIZE;
-        let pieces = recompress::match_content(&frame.content, &index, size, &forbidden, &read)
-            .map_err(reading())?;
-        let head = (frame.offset - start) as usize;
-        let tail = head + frame.stream_len as usize;
-        let body =
-            recompress::encode_recipe(&bytes[..head], &bytes[tail..], &pieces, &frame.content);
-        if body.len() as u64 > MAX_RECIPE_BODY {
+        let claimed = blocks.iter().any(|&b| {
+            classes
+                .get(b as usize)
+                .is_none_or(|c| *c == BlockClass::Claimed)
+                || taken.contains(&b)
+        });
+        if claimed {
             continue;
         }
-        let blob = zstd_compress(&body, None, opts.level)?;
-        if blob.len() as u64 > MAX_BLOB_LEN || blob.len() as u64 * 2 > frame.stream_len {
+        let changed = blocks
+            .iter()
+            .filter(|&&b| classes[b as usize] == BlockClass::Literal)
+            .count();
+        if changed * 2 < blocks.len() {
             continue;
         }
-        let chunks = bytes
-            .chunks(RECOMPRESS_CHUNK as usize)
-            .map(sha256)
-            .collect();
-        classes[first..end].fill(BlockClass::Claimed);
-        out.push((
-            Operation::Recompress {
-                dst: vec![Extent(first as u64, (end - first) as u64)],
-                content_len: frame.content.len() as u64,
-                encoder,
-                chunks,
-                blob: Blob {
-                    offset: 0,
-                    len: blob.len() as u64,
-                    sha256: sha256(&blob),
-                },
-            },
-            blob,
-        ));
+        let read_file = |buf: &mut [u8], off: u64| -> io::Result<()> {
+            let end = off as usize + buf.len();
+            let src = content
+                .get(off as usize..end)
+                .ok_or(io::ErrorKind::UnexpectedEof)?;
+            buf.copy_from_slice(src);
+            Ok(())
+        };
+        let Some(frame) = recompress::decode_frame(&read_file, f.size, 0).map_err(reading())?
+        else {
+            continue;
+        };
+        if (frame.content.len() as u64) < MIN_RECOMPRESS_CONTENT {
+            continue;
+        }
+        let stream = &content[..frame.stream_len as usize];
+        let Some(encoder) = recompress::find_encoder(&frame.content, stream, frame.checksum)?
+        else {
+            continue;
+        };
+        // Destination: the blocks, in order; the stream's runs among them.
+        let dst = plan_extents(&blocks);
+        let mut bytes = vec![0u8; blocks.len() * BS];
+        for (chunk, &b) in bytes.chunks_mut(BS).zip(&blocks) {
+            target
+                .read_exact_at(chunk, b * BLOCK_SIZE)
+                .map_err(reading())?;
+        }
+        let position = |image_offset: u64| -> Option<u64> {
+            let b = image_offset / BLOCK_SIZE;
+            let i = blocks.iter().position(|&x| x == b)?;
+            Some(i as u64 * BLOCK_SIZE + image_offset % BLOCK_SIZE)
+        };
+        let mut runs = Vec::new();
+        let mut left = frame.stream_len;
+        for e in &f.extents {
+            let Storage::Plain { offset } = e.storage else {
+                continue;
+            };
+            if left == 0 {
+                break;
+            }
+            let len = e.len.min(left);
+            let Some(at) = position(offset) else {
+                continue;
+            };
+            runs.push((at, len));
+            left -= len;
+        }
+        // Runs in destination order, not overlapping.
+        if left != 0 || runs.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            continue;
+        }
+        let mut fixed = Vec::new();
+        let mut at = 0u64;
+        for &(offset, len) in &runs {
+            fixed.extend_from_slice(&bytes[at as usize..offset as usize]);
+            at = offset + len;
+        }
+        fixed.extend_from_slice(&bytes[at as usize..]);
+        taken.extend(blocks.iter().copied());
+        streams.push(Stream {
+            frame,
+            encoder,
+            dst,
+            bytes,
+            layout: Some(recompress::Layout { fixed, runs }),
+        });
     }
-    Ok(out)
+    Ok(streams)
+}
+
+/// Blocks as extents, consecutive ones merged, in the order given.
+pub(crate) fn plan_extents(blocks: &[u64]) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some(e) if e.0 + e.1 == b => e.1 += 1,
+            _ => out.push(Extent(b, 1)),
+        }
+    }
+    out
+}
+
+/// Turns pieces that name bytes of `view` (as `Target` pieces, offsets in
+/// the view) into `View` pieces of a view of only the extents they use;
+/// returns that smaller view's table.
+fn compact_view(
+    view: &crate::erofs::View,
+    pieces: &mut [recompress::Piece],
+) -> Vec<crate::erofs::SourcePiece> {
+    use recompress::Piece;
+    let mut used = std::collections::BTreeSet::new();
+    for p in pieces.iter() {
+        if let Piece::Target { offset, len } = *p {
+            if let (Some((i, _)), Some((j, _))) =
+                (view.piece_at(offset), view.piece_at(offset + len - 1))
+            {
+                used.extend(i..=j);
+            }
+        }
+    }
+    let mut table = Vec::with_capacity(used.len());
+    let mut starts = HashMap::with_capacity(used.len());
+    let mut at = 0u64;
+    for i in used {
+        let p = view.pieces()[i];
+        starts.insert(i, at);
+        at += u64::from(p.len);
+        table.push(p);
+    }
+    for p in pieces.iter_mut() {
+        if let Piece::Target { offset, len } = *p {
+            if let Some((i, start)) = view.piece_at(offset) {
+                if let Some(base) = starts.get(&i) {
+                    *p = Piece::View {
+                        offset: base + (offset - start),
+                        len,
+                    };
+                }
+            }
+        }
+    }
+    table
 }
 
 /// Reads the blocks of `extents` from `file`, concatenated.

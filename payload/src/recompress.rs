@@ -24,6 +24,23 @@
 //!         kind 1: the next `len` literal bytes (offset 0)
 //! literal bytes, in piece order
 //! ```
+//!
+//! On an erofs image, whose files are compressed, the pieces come from the
+//! files' decompressed bytes instead, and a stream may be split (a file's
+//! tail is stored inline, beside its inode). Such an operation says so
+//! (`erofs_view`), needs format version 4, and its recipe is:
+//!
+//! ```text
+//! "TRC2"
+//! parts u32, parts × (kind u8, len u32)   the dst bytes in order:
+//!         kind 0: the next `len` fixed bytes; kind 1: `len` stream bytes
+//! fixed_len u32, fixed bytes
+//! view u32, view × (offset u64, len u32, lz4 u8)   erofs file extents of
+//!         the target (see crate::erofs::View), concatenated: the view
+//! count u32, count × (kind u8, len u64, offset u64)  pieces, as above, and
+//!         kind 2: `len` bytes of the view from `offset`
+//! literal bytes, in piece order
+//! ```
 
 use std::collections::HashMap;
 use std::io;
@@ -33,6 +50,7 @@ use zstd_safe::{CCtx, CParameter, DCtx, InBuffer, OutBuffer};
 use crate::format::{Extent, ZstdEncoder, BLOCK_SIZE, MAX_RECOMPRESS_CONTENT, RECOMPRESS_CHUNK};
 
 const MAGIC: &[u8; 4] = b"TRCP";
+const MAGIC_VIEW: &[u8; 4] = b"TRC2";
 const PIECE_LEN: usize = 17;
 /// Most pieces one recipe may have.
 const MAX_PIECES: u32 = 1 << 20;
@@ -72,47 +90,116 @@ pub enum Piece {
     /// `len` literal bytes from position `at` (of the content when making,
     /// of the recipe when applying).
     Literal { at: usize, len: usize },
+    /// `len` bytes of the recipe's erofs view from byte `offset`.
+    View { offset: u64, len: u64 },
 }
 
 impl Piece {
     fn len(&self) -> u64 {
         match *self {
-            Piece::Target { len, .. } => len,
+            Piece::Target { len, .. } | Piece::View { len, .. } => len,
             Piece::Literal { len, .. } => len as u64,
         }
     }
 }
 
+/// A run of an operation's destination bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part<'a> {
+    /// Bytes written as they are (around and between the stream's runs).
+    Fixed(&'a [u8]),
+    /// The next `len` bytes of the stream; `None`: the rest of it.
+    Stream(Option<u64>),
+}
+
+/// Where a stream's bytes go among its destination bytes, for a writer:
+/// the fixed bytes, and the runs of stream bytes `(dst offset, len)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub fixed: Vec<u8>,
+    pub runs: Vec<(u64, u64)>,
+}
+
 /// A parsed recipe, borrowing its literal bytes.
 #[derive(Debug)]
 pub struct Recipe<'a> {
-    pub prefix: &'a [u8],
-    pub suffix: &'a [u8],
+    pub parts: Vec<Part<'a>>,
     pub pieces: Vec<Piece>,
+    /// The erofs file extents kind 2 pieces read ("TRC2" recipes).
+    pub view: Vec<crate::erofs::SourcePiece>,
     body: &'a [u8],
 }
 
-/// Encodes a recipe; literal pieces point into `content`.
+/// Encodes a recipe: the bytes before and after the stream, in its first
+/// and last block; literal pieces point into `content`.
 pub fn encode_recipe(prefix: &[u8], suffix: &[u8], pieces: &[Piece], content: &[u8]) -> Vec<u8> {
+    encode(Recipe2::Plain(prefix, suffix), pieces, content)
+}
+
+/// Encodes a "TRC2" recipe: a stream laid out in `layout` among `dst_len`
+/// destination bytes, pieces from an erofs `view`.
+pub fn encode_recipe_view(
+    layout: &Layout,
+    dst_len: u64,
+    view: &[crate::erofs::SourcePiece],
+    pieces: &[Piece],
+    content: &[u8],
+) -> Vec<u8> {
+    encode(Recipe2::View(layout, dst_len, view), pieces, content)
+}
+
+enum Recipe2<'a> {
+    Plain(&'a [u8], &'a [u8]),
+    View(&'a Layout, u64, &'a [crate::erofs::SourcePiece]),
+}
+
+fn encode(kind: Recipe2<'_>, pieces: &[Piece], content: &[u8]) -> Vec<u8> {
     let literal: usize = pieces
         .iter()
         .map(|p| match p {
             Piece::Literal { len, .. } => *len,
-            Piece::Target { .. } => 0,
+            Piece::Target { .. } | Piece::View { .. } => 0,
         })
         .sum();
-    let mut out =
-        Vec::with_capacity(16 + prefix.len() + suffix.len() + pieces.len() * 17 + literal);
-    out.extend_from_slice(MAGIC);
-    for part in [prefix, suffix] {
-        out.extend_from_slice(&(part.len() as u32).to_le_bytes());
-        out.extend_from_slice(part);
+    let mut out = Vec::with_capacity(16 + pieces.len() * 17 + literal);
+    match kind {
+        Recipe2::Plain(prefix, suffix) => {
+            out.extend_from_slice(MAGIC);
+            for part in [prefix, suffix] {
+                out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+                out.extend_from_slice(part);
+            }
+        }
+        Recipe2::View(layout, dst_len, view) => {
+            out.extend_from_slice(MAGIC_VIEW);
+            let mut parts: Vec<(u8, u64)> = Vec::new();
+            let mut at = 0u64;
+            for &(offset, len) in &layout.runs {
+                if offset > at {
+                    parts.push((0, offset - at));
+                }
+                parts.push((1, len));
+                at = offset + len;
+            }
+            if dst_len > at {
+                parts.push((0, dst_len - at));
+            }
+            out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+            for (kind, len) in parts {
+                out.push(kind);
+                out.extend_from_slice(&(len as u32).to_le_bytes());
+            }
+            out.extend_from_slice(&(layout.fixed.len() as u32).to_le_bytes());
+            out.extend_from_slice(&layout.fixed);
+            crate::erofs::encode_pieces(view, &mut out);
+        }
     }
     out.extend_from_slice(&(pieces.len() as u32).to_le_bytes());
     for p in pieces {
         let (kind, len, offset) = match *p {
             Piece::Target { offset, len } => (0u8, len, offset),
             Piece::Literal { len, .. } => (1u8, len as u64, 0),
+            Piece::View { offset, len } => (2u8, len, offset),
         };
         out.push(kind);
         out.extend_from_slice(&len.to_le_bytes());
@@ -157,18 +244,22 @@ impl<'a> Cursor<'a> {
 impl<'a> Recipe<'a> {
     /// Parses and checks a recipe: it must build exactly `content_len`
     /// bytes, read only inside a `target_size`-byte image, and have short
-    /// prefix and suffix.
+    /// prefix and suffix; an erofs view only where `erofs_view`.
     pub fn parse(
         body: &'a [u8],
         content_len: u64,
         target_size: u64,
+        erofs_view: bool,
     ) -> Result<Recipe<'a>, RecompressError> {
         let mut c = Cursor {
             bytes: body,
             pos: 0,
         };
-        if c.take(4)? != MAGIC {
-            return Err(RecompressError::Malformed("bad magic"));
+        let magic = c.take(4)?;
+        if magic != if erofs_view { MAGIC_VIEW } else { MAGIC } {
+            return Err(RecompressError::Malformed(
+                "bad magic (or a view the operation does not name)",
+            ));
         }
         let mut part = || -> Result<&'a [u8], RecompressError> {
             let len = c.u32()? as usize;
@@ -179,8 +270,53 @@ impl<'a> Recipe<'a> {
             }
             c.take(len)
         };
-        let prefix = part()?;
-        let suffix = part()?;
+        let mut parts = Vec::new();
+        let mut view = Vec::new();
+        let mut view_len = 0u64;
+        if !erofs_view {
+            let prefix = part()?;
+            let suffix = part()?;
+            parts = vec![Part::Fixed(prefix), Part::Stream(None), Part::Fixed(suffix)];
+        } else {
+            let n = c.u32()?;
+            if n > MAX_PIECES {
+                return Err(RecompressError::Malformed("too many parts"));
+            }
+            let mut spec = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                let kind = c.take(1)?[0];
+                let len = u64::from(c.u32()?);
+                if len == 0 || kind > 1 {
+                    return Err(RecompressError::Malformed("a bad part"));
+                }
+                spec.push((kind, len));
+            }
+            let fixed_len = c.u32()? as usize;
+            let mut fixed = c.take(fixed_len)?;
+            for (kind, len) in spec {
+                if kind == 1 {
+                    parts.push(Part::Stream(Some(len)));
+                } else {
+                    let len = len as usize;
+                    if len > fixed.len() {
+                        return Err(RecompressError::Malformed("parts need more fixed bytes"));
+                    }
+                    parts.push(Part::Fixed(&fixed[..len]));
+                    fixed = &fixed[len..];
+                }
+            }
+            if !fixed.is_empty() {
+                return Err(RecompressError::Malformed("fixed bytes left over"));
+            }
+            let n = c.u32()?;
+            if n > MAX_PIECES {
+                return Err(RecompressError::Malformed("too many view pieces"));
+            }
+            let table = c.take(n as usize * crate::erofs::SOURCE_PIECE_LEN)?;
+            view = crate::erofs::decode_pieces(table).map_err(RecompressError::Malformed)?;
+            view_len = crate::erofs::check_pieces(&view, target_size, MAX_RECOMPRESS_CONTENT)
+                .map_err(RecompressError::Malformed)?;
+        }
         let count = c.u32()?;
         if count > MAX_PIECES {
             return Err(RecompressError::Malformed("too many pieces"));
@@ -220,6 +356,12 @@ impl<'a> Recipe<'a> {
                     });
                     literal_at = literal_at.saturating_add(len);
                 }
+                2 if erofs_view => {
+                    if offset.checked_add(len).is_none_or(|e| e > view_len) {
+                        return Err(RecompressError::Malformed("a piece reads past the view"));
+                    }
+                    pieces.push(Piece::View { offset, len });
+                }
                 _ => return Err(RecompressError::Malformed("unknown piece kind")),
             }
         }
@@ -235,9 +377,9 @@ impl<'a> Recipe<'a> {
             });
         }
         Ok(Recipe {
-            prefix,
-            suffix,
+            parts,
             pieces,
+            view,
             body,
         })
     }
@@ -503,17 +645,36 @@ pub fn rebuild(
     read: &dyn Fn(&mut [u8], u64) -> io::Result<()>,
     write: &dyn Fn(&[u8], u64) -> io::Result<()>,
 ) -> Result<(), RecompressError> {
-    let mut out = ChunkWriter::new(dst, chunks, write);
-    out.push(recipe.prefix)?;
+    let mut out = Splicer {
+        out: ChunkWriter::new(dst, chunks, write),
+        parts: &recipe.parts,
+        next: 0,
+        left: None,
+    };
+    out.fixed()?;
     let mut z = StreamCompressor::new(encoder, content_len)?;
     let mut feeder = Feeder {
         z: &mut z,
         buf: Vec::with_capacity(FEED),
     };
-    let mut emit = |b: &[u8]| out.push(b);
+    let mut emit = |b: &[u8]| out.stream(b);
     let mut buf = vec![0u8; FEED];
+    let view = crate::erofs::View::new(recipe.view.clone());
     for piece in &recipe.pieces {
         match *piece {
+            Piece::View { offset, len } => {
+                let mut pos = 0u64;
+                while pos < len {
+                    let n = ((len - pos) as usize).min(buf.len());
+                    view.read(read, &mut buf[..n], offset + pos)
+                        .map_err(|error| RecompressError::Io {
+                            context: "reading the target's erofs files for the recipe",
+                            error,
+                        })?;
+                    feeder.push(&buf[..n], &mut emit)?;
+                    pos += n as u64;
+                }
+            }
             Piece::Literal { at, len } => {
                 feeder.push(&recipe.body[at..at + len], &mut emit)?;
             }
@@ -532,8 +693,78 @@ pub fn rebuild(
         }
     }
     feeder.finish(&mut emit)?;
-    out.push(recipe.suffix)?;
     out.finish()
+}
+
+/// Writes stream bytes and fixed bytes into the destination in the order
+/// of a recipe's parts.
+struct Splicer<'a, 'r> {
+    out: ChunkWriter<'a>,
+    parts: &'r [Part<'r>],
+    next: usize,
+    /// Stream bytes left in the current stream part (`Some(None)`: the
+    /// rest of the stream).
+    left: Option<Option<u64>>,
+}
+
+impl Splicer<'_, '_> {
+    /// Writes fixed parts up to the next stream part, and enters it.
+    fn fixed(&mut self) -> Result<(), RecompressError> {
+        while let Some(part) = self.parts.get(self.next) {
+            self.next += 1;
+            match *part {
+                Part::Fixed(bytes) => self.out.push(bytes)?,
+                Part::Stream(len) => {
+                    self.left = Some(len);
+                    return Ok(());
+                }
+            }
+        }
+        self.left = None;
+        Ok(())
+    }
+
+    fn stream(&mut self, mut bytes: &[u8]) -> Result<(), RecompressError> {
+        let too_long = || RecompressError::Malformed("the stream is longer than its parts");
+        while !bytes.is_empty() {
+            match self.left {
+                None => return Err(too_long()),
+                Some(None) => {
+                    self.out.push(bytes)?;
+                    return Ok(());
+                }
+                Some(Some(left)) => {
+                    let n = (left as usize).min(bytes.len());
+                    self.out.push(&bytes[..n])?;
+                    bytes = &bytes[n..];
+                    if n as u64 == left {
+                        self.fixed()?;
+                    } else {
+                        self.left = Some(Some(left - n as u64));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(), RecompressError> {
+        match self.left {
+            Some(None) => self.fixed()?,
+            Some(Some(_)) => {
+                return Err(RecompressError::Malformed(
+                    "the stream is shorter than its parts",
+                ))
+            }
+            None => {}
+        }
+        if self.left.is_some() {
+            return Err(RecompressError::Malformed(
+                "the stream is shorter than its parts",
+            ));
+        }
+        self.out.finish()
+    }
 }
 
 // ---- Making: finding streams, reproducing them, writing recipes. ----
@@ -882,7 +1113,7 @@ pub fn matched_bytes(pieces: &[Piece]) -> u64 {
     pieces
         .iter()
         .map(|p| match p {
-            Piece::Target { len, .. } => *len,
+            Piece::Target { len, .. } | Piece::View { len, .. } => *len,
             Piece::Literal { .. } => 0,
         })
         .sum()
@@ -924,26 +1155,28 @@ mod tests {
             },
         ];
         let body = encode_recipe(b"head", b"", &pieces, &c);
-        let r = Recipe::parse(&body, 10_000, 1 << 20).unwrap();
-        assert_eq!(r.prefix, b"head");
-        assert_eq!(r.suffix, b"");
+        let r = Recipe::parse(&body, 10_000, 1 << 20, false).unwrap();
+        assert_eq!(
+            r.parts,
+            vec![Part::Fixed(b"head"), Part::Stream(None), Part::Fixed(b"")]
+        );
         assert_eq!(r.pieces.len(), 3);
         let Piece::Literal { at, len } = r.pieces[2] else {
             panic!("{:?}", r.pieces[2])
         };
         assert_eq!(&body[at..at + len], &c[5100..]);
         assert!(matches!(
-            Recipe::parse(&body, 9_999, 1 << 20),
+            Recipe::parse(&body, 9_999, 1 << 20, false),
             Err(RecompressError::ContentLen { .. })
         ));
         assert!(matches!(
-            Recipe::parse(&body, 10_000, 12_000),
+            Recipe::parse(&body, 10_000, 12_000, false),
             Err(RecompressError::Outside { .. })
         ));
-        assert!(Recipe::parse(&body[..body.len() - 1], 10_000, 1 << 20).is_err());
+        assert!(Recipe::parse(&body[..body.len() - 1], 10_000, 1 << 20, false).is_err());
         let mut bad = body.clone();
         bad[0] = b'X';
-        assert!(Recipe::parse(&bad, 10_000, 1 << 20).is_err());
+        assert!(Recipe::parse(&bad, 10_000, 1 << 20, false).is_err());
     }
 
     #[test]
@@ -1049,7 +1282,7 @@ mod tests {
         }];
         let tail_start = 300 + stream.len();
         let body = encode_recipe(&image[..300], &image[tail_start..], &pieces, &c);
-        let recipe = Recipe::parse(&body, c.len() as u64, size).unwrap();
+        let recipe = Recipe::parse(&body, c.len() as u64, size, false).unwrap();
         let written = std::cell::RefCell::new(vec![0u8; image.len()]);
         let write = |b: &[u8], off: u64| {
             written.borrow_mut()[off as usize..off as usize + b.len()].copy_from_slice(b);

@@ -151,7 +151,7 @@ pub fn validate(m: &Manifest, header_data_len: u64) -> Result<(), ManifestError>
                 problem,
             };
             check_op(op, target_blocks, source_blocks).map_err(bad)?;
-            let needs = op.kind().format_version();
+            let needs = op.format_version();
             if m.format_version < needs {
                 let name = kind_name(op.kind());
                 let article = if name.starts_with('e') { "an" } else { "a" };
@@ -637,6 +637,7 @@ mod tests {
                 encoder,
                 chunks: vec![Sha256Hex([3; 32]); chunks],
                 blob: blob(10, 5),
+                erofs_view: false,
             };
             ops
         };

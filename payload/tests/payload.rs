@@ -1011,6 +1011,36 @@ fn a_changed_erofs_file_is_re_created_from_its_predecessor_and_a_wrong_encoder_i
         if version == 2 {
             fs::write(tree.join("lib/brand-new"), module(70, 150_000)).unwrap();
         }
+        // An initrd of the modules: a zstd stream, which erofs cannot
+        // compress (stored plain), of files stored compressed.
+        let mut archive = Vec::new();
+        let mut names: Vec<_> = fs::read_dir(&modules)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        for path in names {
+            archive.extend_from_slice(format!("070701 {}\n", path.display()).as_bytes());
+            archive.extend(fs::read(&path).unwrap());
+        }
+        archive.extend(tandem_testkit::text(u64::from(version) * 31, 10_000));
+        let encoder = payload::format::ZstdEncoder {
+            version: payload::recompress::zstd_version(),
+            level: 9,
+            workers: 1,
+            checksum: true,
+        };
+        let mut stream = Vec::new();
+        payload::recompress::compress(&encoder, &archive, &mut |b: &[u8]| -> Result<
+            (),
+            payload::recompress::RecompressError,
+        > {
+            stream.extend_from_slice(b);
+            Ok(())
+        })
+        .unwrap();
+        fs::create_dir_all(tree.join("boot")).unwrap();
+        fs::write(tree.join(format!("boot/initrd.img-{release}")), stream).unwrap();
     }
     let (old_path, new_path) = (f.path("old.erofs"), f.path("new.erofs"));
     erofs_image(&old_tree, &old_path, 8 << 20);
@@ -1030,8 +1060,17 @@ fn a_changed_erofs_file_is_re_created_from_its_predecessor_and_a_wrong_encoder_i
     );
     let stats = &payload::summary::summarize(&with)[0];
     // Every module (paired across the release rename), the library and the
-    // new file; the unchanged file is copied.
+    // new file; the unchanged file is copied. The initrd is re-created from
+    // the decompressed modules.
     assert_eq!(stats.erofs.operations, 14, "{stats:?}");
+    assert_eq!(stats.recompress.operations, 1, "{stats:?}");
+    assert!(with.components[0].operations.iter().any(|op| matches!(
+        op,
+        Operation::Recompress {
+            erofs_view: true,
+            ..
+        }
+    )));
     assert_eq!(with.format_version, 4);
     assert!(without.format_version < 4);
     let (a, b) = (
