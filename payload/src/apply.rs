@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use crate::container::{PayloadError, PayloadHead};
 use crate::digest::{digest_file, sha256, worker_count};
 use crate::format::{
-    total_blocks, Extent, ImageRef, Manifest, Operation, Sha256Hex, BLOCK_SIZE,
-    EROFS_ALONE_CONTENT, MAX_BSDIFF_BODY, MAX_EROFS_BODY, MAX_RECIPE_BODY,
+    total_blocks, Extent, ImageRef, Manifest, Operation, Sha256Hex, BLOCK_SIZE, MAX_BSDIFF_BODY,
+    MAX_EROFS_BODY, MAX_RECIPE_BODY,
 };
 use crate::make::read_extents;
 use crate::region::{ByteRange, Region};
@@ -582,13 +582,8 @@ pub fn apply<R: PayloadReader>(
                 None => None,
             };
             // A recompress operation reads target blocks that the
-            // operations before it write: it runs alone, after them. A
-            // large erofs operation runs alone to bound memory.
-            let alone = match op {
-                Operation::Recompress { .. } => true,
-                Operation::Erofs { content_len, .. } => *content_len > EROFS_ALONE_CONTENT,
-                _ => false,
-            };
+            // operations before it write: it runs alone, after them.
+            let alone = matches!(op, Operation::Recompress { .. });
             if alone {
                 tally.drain(&done_rx);
                 if tally.failure.is_some() {
@@ -926,11 +921,15 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
                 .as_ref()
                 .ok_or_else(|| ApplyError::MissingSource(String::new()))?;
             let source_size = slot.source_size.unwrap_or(0);
-            let body = crate::erofs::Body::parse(&body, source_size).map_err(failed)?;
             let read = |buf: &mut [u8], offset: u64| source.read_exact_at(buf, offset);
-            let write = |buf: &[u8], offset: u64| slot.target.write_all_at(buf, offset);
-            crate::erofs::rebuild(&body, encoder, *content_len, dst, chunks, &read, &write)
+            let new = crate::erofs::Body::parse(&body, source_size)
+                .and_then(|body| crate::erofs::patched_content(&body, *content_len, &read))
                 .map_err(failed)?;
+            // The patch and the blob are no longer needed while the file
+            // is compressed.
+            drop((body, bytes));
+            let write = |buf: &[u8], offset: u64| slot.target.write_all_at(buf, offset);
+            crate::erofs::write_pclusters(&new, encoder, dst, chunks, &write).map_err(failed)?;
         }
     }
     Ok(out_len)

@@ -1111,23 +1111,32 @@ pub fn decode_pieces(table: &[u8]) -> Result<Vec<SourcePiece>, &'static str> {
 /// Bytes of one encoded source piece.
 pub const SOURCE_PIECE_LEN: usize = PIECE_LEN;
 
-/// Runs an erofs operation: the old content from the source image, the
-/// patch applied, the new content compressed into pclusters, each chunk of
-/// them checked against `chunks` before it is written into `dst`.
-pub fn rebuild(
+/// The first half of an erofs operation: the old content from the source
+/// image, the patch applied; the new file's content.
+pub fn patched_content(
     body: &Body<'_>,
-    encoder: &crate::format::Lz4Encoder,
     content_len: u64,
+    read_source: &dyn Fn(&mut [u8], u64) -> io::Result<()>,
+) -> Result<Vec<u8>, ErofsError> {
+    let old = body.old_content(read_source)?;
+    Ok(crate::bsdiff::apply(
+        &old,
+        body.patch,
+        content_len as usize,
+    )?)
+}
+
+/// The second half: the new content compressed into pclusters, each chunk
+/// of them checked against `chunks` before it is written into `dst`.
+pub fn write_pclusters(
+    new: &[u8],
+    encoder: &crate::format::Lz4Encoder,
     dst: &[crate::format::Extent],
     chunks: &[crate::format::Sha256Hex],
-    read_source: &dyn Fn(&mut [u8], u64) -> io::Result<()>,
     write: &dyn Fn(&[u8], u64) -> io::Result<()>,
 ) -> Result<(), ErofsError> {
-    let old = body.old_content(read_source)?;
-    let new = crate::bsdiff::apply(&old, body.patch, content_len as usize)?;
-    drop(old);
     let mut out = crate::recompress::ChunkWriter::new(dst, chunks, write);
-    let kept = compress_file(&new, encoder.level, &mut |p| {
+    let kept = compress_file(new, encoder.level, &mut |p| {
         out.push(&p.block[..]).map_err(ErofsError::from)
     })?;
     if !kept {

@@ -57,11 +57,9 @@ pub const RECOMPRESS_CHUNK: u64 = 1 << 20;
 /// Largest decompressed recipe of one recompress operation.
 pub const MAX_RECIPE_BODY: u64 = 16 << 20;
 /// Largest file (old or new content) an erofs operation rebuilds: the node
-/// holds both in memory while it runs.
-pub const MAX_EROFS_CONTENT: u64 = 32 << 20;
-/// An erofs operation whose new content is larger than this runs alone,
-/// so that two large ones never hold their files at once.
-pub const EROFS_ALONE_CONTENT: u64 = 8 << 20;
+/// holds both in memory while it runs (and glibc keeps freed buffers of
+/// this size; larger ones pushed the bench's apply over 128 MiB).
+pub const MAX_EROFS_CONTENT: u64 = 4 << 20;
 /// Largest decompressed body (source table and bsdiff patch) of an erofs
 /// operation.
 pub const MAX_EROFS_BODY: u64 = 2 * MAX_EROFS_CONTENT + (1 << 20);
