@@ -863,21 +863,7 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
             erofs_view,
             ..
         } => {
-            let bytes = job.blob.unwrap_or_default();
-            if sha256(&bytes) != blob.sha256 {
-                return Err(ApplyError::BlobHash {
-                    op: job.index,
-                    offset: blob.offset,
-                    end: blob.offset + blob.len,
-                });
-            }
-            let body =
-                zstd_decompress_bounded(&bytes, MAX_RECIPE_BODY as usize).map_err(|reason| {
-                    ApplyError::Decode {
-                        op: job.index,
-                        reason,
-                    }
-                })?;
+            let body = checked_body(job.index, job.blob, blob, MAX_RECIPE_BODY)?;
             let failed = |error| ApplyError::Recompress {
                 op: job.index,
                 error,
@@ -897,21 +883,7 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
             blob,
             ..
         } => {
-            let bytes = job.blob.unwrap_or_default();
-            if sha256(&bytes) != blob.sha256 {
-                return Err(ApplyError::BlobHash {
-                    op: job.index,
-                    offset: blob.offset,
-                    end: blob.offset + blob.len,
-                });
-            }
-            let body =
-                zstd_decompress_bounded(&bytes, MAX_EROFS_BODY as usize).map_err(|reason| {
-                    ApplyError::Decode {
-                        op: job.index,
-                        reason,
-                    }
-                })?;
+            let body = checked_body(job.index, job.blob, blob, MAX_EROFS_BODY)?;
             let failed = |error| ApplyError::Erofs {
                 op: job.index,
                 error,
@@ -925,9 +897,8 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
             let new = crate::erofs::Body::parse(&body, source_size)
                 .and_then(|body| crate::erofs::patched_content(&body, *content_len, &read))
                 .map_err(failed)?;
-            // The patch and the blob are no longer needed while the file
-            // is compressed.
-            drop((body, bytes));
+            // The patch is no longer needed while the file is compressed.
+            drop(body);
             let write = |buf: &[u8], offset: u64| slot.target.write_all_at(buf, offset);
             crate::erofs::write_pclusters(&new, encoder, dst, chunks, &write).map_err(failed)?;
         }
@@ -936,6 +907,26 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
 }
 
 /// Decompresses a zstd frame that must yield exactly `len` bytes.
+/// A blob checked against its signed hash, decompressed to at most
+/// `limit` bytes: the body of a recompress or erofs operation.
+fn checked_body(
+    op: usize,
+    bytes: Option<Vec<u8>>,
+    blob: &crate::format::Blob,
+    limit: u64,
+) -> Result<Vec<u8>, ApplyError> {
+    let bytes = bytes.unwrap_or_default();
+    if sha256(&bytes) != blob.sha256 {
+        return Err(ApplyError::BlobHash {
+            op,
+            offset: blob.offset,
+            end: blob.offset + blob.len,
+        });
+    }
+    zstd_decompress_bounded(&bytes, limit as usize)
+        .map_err(|reason| ApplyError::Decode { op, reason })
+}
+
 pub fn zstd_decompress(
     blob: &[u8],
     reference: Option<&[u8]>,

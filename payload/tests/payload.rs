@@ -677,6 +677,31 @@ fn rebuilt_executable(f: &Fixture) -> (PathBuf, PathBuf, Vec<u8>) {
     (src, dst, new)
 }
 
+/// Applies `payload` from `source` to `slot`, first filled with 0xa5 bytes
+/// (`len` of them), so that what an apply did not write shows.
+fn apply_fresh(
+    f: &Fixture,
+    source: &Path,
+    slot: &Path,
+    len: usize,
+    payload: &[u8],
+) -> Result<ApplyOutcome, ApplyError> {
+    fs::write(slot, vec![0xa5u8; len]).unwrap();
+    payload::apply(
+        Cursor::new(payload),
+        &f.keyring,
+        &[ComponentPaths {
+            component: "usr".into(),
+            target: slot.to_path_buf(),
+            target_range: None,
+            source: Some(source.to_path_buf()),
+            source_range: None,
+        }],
+        &ApplyOptions::default(),
+        &mut |_| ControlFlow::Continue(()),
+    )
+}
+
 fn make_from(f: &Fixture, source: &Path, target: &Path, opts: &MakeOptions, out: &str) -> Manifest {
     payload::make_payload(
         ImageInput {
@@ -723,22 +748,7 @@ fn a_rebuilt_executable_ships_as_bsdiff_operations_in_format_version_2() {
     let bytes = fs::read(f.path("bsdiff.tpl")).unwrap();
     assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2);
     let slot = f.path("exe-slot");
-    fs::write(&slot, vec![0xa5u8; new.len()]).unwrap();
-    let apply = |payload: &[u8]| {
-        payload::apply(
-            Cursor::new(payload),
-            &f.keyring,
-            &[ComponentPaths {
-                component: "usr".into(),
-                target: slot.clone(),
-                target_range: None,
-                source: Some(old.clone()),
-                source_range: None,
-            }],
-            &ApplyOptions::default(),
-            &mut |_| ControlFlow::Continue(()),
-        )
-    };
+    let apply = |payload: &[u8]| apply_fresh(&f, &old, &slot, new.len(), payload);
     apply(&bytes).unwrap();
     assert!(fs::read(&slot).unwrap() == new);
 
@@ -761,7 +771,6 @@ fn a_rebuilt_executable_ships_as_bsdiff_operations_in_format_version_2() {
             src[0] = Extent(start, src[0].1);
         }
     });
-    fs::write(&slot, vec![0xa5u8; new.len()]).unwrap();
     let err = apply(&bad).unwrap_err();
     assert!(
         matches!(err, ApplyError::ReadBack { .. } | ApplyError::Decode { .. }),
@@ -771,7 +780,6 @@ fn a_rebuilt_executable_ships_as_bsdiff_operations_in_format_version_2() {
     // The same manifest claiming format version 1 is refused before
     // anything is written: version 1 has no bsdiff operation.
     let old_format = resign(&f, &bytes, |m| m.format_version = 1);
-    fs::write(&slot, vec![0xa5u8; new.len()]).unwrap();
     let err = apply(&old_format).unwrap_err();
     assert!(err.to_string().contains("needs format version 2"), "{err}");
     assert!(fs::read(&slot).unwrap().iter().all(|&b| b == 0xa5));
@@ -880,22 +888,7 @@ fn a_new_initrd_is_re_created_from_the_new_files_and_a_wrong_encoder_is_caught()
     assert!(a * 4 < b, "recompress {a} blocks {b}");
 
     let slot = f.path("initrd-slot");
-    let apply = |payload: &[u8]| {
-        fs::write(&slot, vec![0xa5u8; new.len()]).unwrap();
-        payload::apply(
-            Cursor::new(payload),
-            &f.keyring,
-            &[ComponentPaths {
-                component: "usr".into(),
-                target: slot.clone(),
-                target_range: None,
-                source: Some(old_path.clone()),
-                source_range: None,
-            }],
-            &ApplyOptions::default(),
-            &mut |_| ControlFlow::Continue(()),
-        )
-    };
+    let apply = |payload: &[u8]| apply_fresh(&f, &old_path, &slot, new.len(), payload);
     let bytes = fs::read(f.path("recompress.tpl")).unwrap();
     apply(&bytes).unwrap();
     assert!(fs::read(&slot).unwrap() == new, "byte-exact round trip");
@@ -1083,22 +1076,7 @@ fn a_changed_erofs_file_is_re_created_from_its_predecessor_and_a_wrong_encoder_i
     assert!(a * 3 < b * 2, "erofs {a} blocks {b}");
 
     let slot = f.path("erofs-slot");
-    let apply = |payload: &[u8]| {
-        fs::write(&slot, vec![0xa5u8; new.len()]).unwrap();
-        payload::apply(
-            Cursor::new(payload),
-            &f.keyring,
-            &[ComponentPaths {
-                component: "usr".into(),
-                target: slot.clone(),
-                target_range: None,
-                source: Some(old_path.clone()),
-                source_range: None,
-            }],
-            &ApplyOptions::default(),
-            &mut |_| ControlFlow::Continue(()),
-        )
-    };
+    let apply = |payload: &[u8]| apply_fresh(&f, &old_path, &slot, new.len(), payload);
     let bytes = fs::read(f.path("erofs.tpl")).unwrap();
     apply(&bytes).unwrap();
     assert!(fs::read(&slot).unwrap() == new, "byte-exact round trip");
