@@ -568,8 +568,7 @@ impl<'a> Image<'a> {
                 Storage::Plain { offset } => self.read_at(dst, offset)?,
                 Storage::Lz4 { block: b } => {
                     self.read_at(&mut block, b * BLOCK)?;
-                    let start = block.iter().position(|&x| x != 0).unwrap_or(block.len());
-                    lz4_decompress_into(&block[start..], dst).map_err(|why| {
+                    pcluster_into(&block, dst).map_err(|why| {
                         malformed(format!("{}: the lz4 block at block {b}: {why}", file.path))
                     })?;
                 }
@@ -646,6 +645,13 @@ fn parse_dir_block(block: &[u8], entries: &mut Vec<(String, u64)>) -> Result<(),
         entries.push((name, nid));
     }
     Ok(())
+}
+
+/// Decompresses one lz4 pcluster block, zero padding at its front, to
+/// exactly `out.len()` bytes.
+pub fn pcluster_into(block: &[u8], out: &mut [u8]) -> Result<(), &'static str> {
+    let start = block.iter().position(|&x| x != 0).unwrap_or(block.len());
+    lz4_decompress_into(&block[start..], out)
 }
 
 /// Decompresses one lz4 block (no frame) to exactly `out.len()` bytes.
@@ -907,23 +913,10 @@ impl<'a> Body<'a> {
         &self,
         read: &dyn Fn(&mut [u8], u64) -> io::Result<()>,
     ) -> Result<Vec<u8>, ErofsError> {
-        let total: usize = self.source.iter().map(|p| p.len as usize).sum();
-        let mut old = vec![0u8; total];
-        let mut block = vec![0u8; BS];
-        let mut at = 0usize;
-        for p in &self.source {
-            let dst = &mut old[at..at + p.len as usize];
-            if p.lz4 {
-                read(&mut block, p.offset)?;
-                let start = block.iter().position(|&x| x != 0).unwrap_or(BS);
-                lz4_decompress_into(&block[start..], dst).map_err(|why| {
-                    ErofsError::Source(format!("the lz4 block at byte {}: {why}", p.offset))
-                })?;
-            } else {
-                read(dst, p.offset)?;
-            }
-            at += p.len as usize;
-        }
+        let view = View::new(self.source.clone());
+        let mut old = vec![0u8; view.len() as usize];
+        view.read(read, &mut old, 0)
+            .map_err(|e| ErofsError::Source(e.to_string()))?;
         Ok(old)
     }
 }
@@ -1021,9 +1014,8 @@ impl View {
                     None => {
                         let mut block = vec![0u8; BS];
                         image(&mut block, p.offset)?;
-                        let first = block.iter().position(|&x| x != 0).unwrap_or(BS);
                         let mut out = vec![0u8; p.len as usize];
-                        lz4_decompress_into(&block[first..], &mut out).map_err(|why| {
+                        pcluster_into(&block, &mut out).map_err(|why| {
                             io::Error::new(
                                 io::ErrorKind::InvalidData,
                                 format!("the erofs lz4 block at byte {}: {why}", p.offset),
@@ -1248,9 +1240,8 @@ mod tests {
         for p in &blocks {
             assert!(p.compressed);
             assert_eq!(p.block[0], 0, "zero padding first");
-            let start = p.block.iter().position(|&b| b != 0).unwrap();
             let dst = &mut back[p.logical as usize..(p.logical + p.len) as usize];
-            lz4_decompress_into(&p.block[start..], dst).unwrap();
+            pcluster_into(&p.block[..], dst).unwrap();
         }
         assert!(back == content);
     }

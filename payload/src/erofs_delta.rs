@@ -69,20 +69,21 @@ struct Candidate<'f> {
 }
 
 /// Whether compressing `content` at `level` gives exactly `blocks` of the
-/// target.
+/// target: their bytes when it does.
 fn reproduces(
     content: &[u8],
     level: i32,
     blocks: &[u64],
     target: &File,
-) -> Result<bool, MakeError> {
+) -> Result<Option<Vec<u8>>, MakeError> {
+    let mut bytes = vec![0u8; blocks.len() * BLOCK_SIZE as usize];
     let mut i = 0usize;
-    let mut buf = vec![0u8; BLOCK_SIZE as usize];
     let outcome = erofs::compress_file(content, level, &mut |p| {
         let Some(&b) = blocks.get(i) else {
             return Err(ErofsError::Body("mismatch"));
         };
-        target.read_exact_at(&mut buf, b * BLOCK_SIZE)?;
+        let buf = &mut bytes[i * BLOCK_SIZE as usize..(i + 1) * BLOCK_SIZE as usize];
+        target.read_exact_at(buf, b * BLOCK_SIZE)?;
         i += 1;
         if buf[..] == p.block[..] {
             Ok(())
@@ -91,12 +92,12 @@ fn reproduces(
         }
     });
     match outcome {
-        Ok(kept) => Ok(kept && i == blocks.len()),
+        Ok(kept) => Ok((kept && i == blocks.len()).then_some(bytes)),
         Err(ErofsError::Io(error)) => Err(MakeError::Io {
             context: "reading the target's erofs blocks".into(),
             error,
         }),
-        Err(_) => Ok(false),
+        Err(_) => Ok(None),
     }
 }
 
@@ -187,7 +188,7 @@ pub(crate) fn plan(
     'probe: for c in candidates.iter().take(LEVEL_PROBES) {
         let content = new_img.read_file(c.new).map_err(erofs_err)?;
         for l in LEVELS {
-            if reproduces(&content, l, &c.blocks, target)? {
+            if reproduces(&content, l, &c.blocks, target)?.is_some() {
                 level = Some(l);
                 break 'probe;
             }
@@ -277,9 +278,9 @@ fn plan_file(
     let Ok(new) = new_img.read_file(c.new) else {
         return Ok(None);
     };
-    if !reproduces(&new, encoder.level, &c.blocks, target)? {
+    let Some(bytes) = reproduces(&new, encoder.level, &c.blocks, target)? else {
         return Ok(None);
-    }
+    };
     let (old, pieces) = match c.old.map(|o| (old_img.read_file(o), o)) {
         Some((Ok(bytes), o)) => (bytes, SourcePiece::of(o)),
         _ => (Vec::new(), Vec::new()),
@@ -296,15 +297,6 @@ fn plan_file(
         || blob.len() as u64 * 10 > c.literal_blocks * BLOCK_SIZE * 8
     {
         return Ok(None);
-    }
-    let mut bytes = vec![0u8; c.blocks.len() * BLOCK_SIZE as usize];
-    for (chunk, &b) in bytes.chunks_mut(BLOCK_SIZE as usize).zip(&c.blocks) {
-        target
-            .read_exact_at(chunk, b * BLOCK_SIZE)
-            .map_err(|error| MakeError::Io {
-                context: "reading the target's erofs blocks".into(),
-                error,
-            })?;
     }
     let chunks = bytes
         .chunks(RECOMPRESS_CHUNK as usize)

@@ -677,6 +677,21 @@ fn rebuilt_executable(f: &Fixture) -> (PathBuf, PathBuf, Vec<u8>) {
     (src, dst, new)
 }
 
+/// A delta made with the default options and one made with `off` (a
+/// feature turned off), written as `names`; both manifests and sizes.
+fn make_with_and_without(
+    f: &Fixture,
+    source: &Path,
+    target: &Path,
+    off: MakeOptions,
+    names: (&str, &str),
+) -> (Manifest, Manifest, u64, u64) {
+    let with = make_from(f, source, target, &options(), names.0);
+    let without = make_from(f, source, target, &off, names.1);
+    let size = |name| fs::metadata(f.path(name)).unwrap().len();
+    (with, without, size(names.0), size(names.1))
+}
+
 /// Applies `payload` from `source` to `slot`, first filled with 0xa5 bytes
 /// (`len` of them), so that what an apply did not write shows.
 fn apply_fresh(
@@ -724,25 +739,20 @@ fn make_from(f: &Fixture, source: &Path, target: &Path, opts: &MakeOptions, out:
 fn a_rebuilt_executable_ships_as_bsdiff_operations_in_format_version_2() {
     let f = fixture("bsdiff");
     let (old, new_path, new) = rebuilt_executable(&f);
-    let with = make_from(&f, &old, &new_path, &options(), "bsdiff.tpl");
-    let without = make_from(
+    let (with, without, a, b) = make_with_and_without(
         &f,
         &old,
         &new_path,
-        &MakeOptions {
+        MakeOptions {
             bsdiff: false,
             ..options()
         },
-        "patch.tpl",
+        ("bsdiff.tpl", "patch.tpl"),
     );
     let stats = &payload::summary::summarize(&with)[0];
     assert!(stats.bsdiff.operations > 0, "{stats:?}");
     assert_eq!(with.format_version, 2);
     assert_eq!(without.format_version, 1, "no bsdiff op, the oldest format");
-    let (a, b) = (
-        fs::metadata(f.path("bsdiff.tpl")).unwrap().len(),
-        fs::metadata(f.path("patch.tpl")).unwrap().len(),
-    );
     eprintln!("rebuilt 4 MiB executable: bsdiff delta {a} bytes, zstd patch delta {b} bytes");
     assert!(a * 2 < b, "bsdiff {a} patch {b}");
     let bytes = fs::read(f.path("bsdiff.tpl")).unwrap();
@@ -865,25 +875,20 @@ fn a_new_initrd_is_re_created_from_the_new_files_and_a_wrong_encoder_is_caught()
     let new = image_with_initrd(2);
     fs::write(&old_path, image_with_initrd(1)).unwrap();
     fs::write(&new_path, &new).unwrap();
-    let with = make_from(&f, &old_path, &new_path, &options(), "recompress.tpl");
-    let without = make_from(
+    let (with, without, a, b) = make_with_and_without(
         &f,
         &old_path,
         &new_path,
-        &MakeOptions {
+        MakeOptions {
             recompress: false,
             ..options()
         },
-        "blocks.tpl",
+        ("recompress.tpl", "blocks.tpl"),
     );
     let stats = &payload::summary::summarize(&with)[0];
     assert_eq!(stats.recompress.operations, 1, "{stats:?}");
     assert_eq!(with.format_version, 3);
     assert!(without.format_version < 3);
-    let (a, b) = (
-        fs::metadata(f.path("recompress.tpl")).unwrap().len(),
-        fs::metadata(f.path("blocks.tpl")).unwrap().len(),
-    );
     eprintln!("new initrd: recompress delta {a} bytes, block delta {b} bytes");
     assert!(a * 4 < b, "recompress {a} blocks {b}");
 
@@ -1040,16 +1045,15 @@ fn a_changed_erofs_file_is_re_created_from_its_predecessor_and_a_wrong_encoder_i
     erofs_image(&new_tree, &new_path, 8 << 20);
     let new = fs::read(&new_path).unwrap();
 
-    let with = make_from(&f, &old_path, &new_path, &options(), "erofs.tpl");
-    let without = make_from(
+    let (with, without, a, b) = make_with_and_without(
         &f,
         &old_path,
         &new_path,
-        &MakeOptions {
+        MakeOptions {
             recompress: false,
             ..options()
         },
-        "blocks.tpl",
+        ("erofs.tpl", "blocks.tpl"),
     );
     let stats = &payload::summary::summarize(&with)[0];
     // Every module (paired across the release rename), the library and the
@@ -1066,10 +1070,6 @@ fn a_changed_erofs_file_is_re_created_from_its_predecessor_and_a_wrong_encoder_i
     )));
     assert_eq!(with.format_version, 4);
     assert!(without.format_version < 4);
-    let (a, b) = (
-        fs::metadata(f.path("erofs.tpl")).unwrap().len(),
-        fs::metadata(f.path("blocks.tpl")).unwrap().len(),
-    );
     eprintln!("erofs pair: erofs-operation delta {a} bytes, block delta {b} bytes");
     // The noise in the fixture (new signatures, the new file) is most of
     // what is left; the bench pair shows the gain on a real OS.
