@@ -501,6 +501,7 @@ pub fn apply<R: PayloadReader>(
         low_water: start_op,
         done_bytes,
     };
+    let mut hazard: Option<Hazard> = None;
     let mut last_checkpoint_bytes = done_bytes;
     let mut read_bytes = data_start + start_offset;
 
@@ -582,13 +583,34 @@ pub fn apply<R: PayloadReader>(
                 None => None,
             };
             // A recompress operation reads target blocks that the
-            // operations before it write: it runs alone, after them.
-            let alone = matches!(op, Operation::Recompress { .. });
-            if alone {
-                tally.drain(&done_rx);
-                if tally.failure.is_some() {
-                    break;
+            // operations before it write: it starts once they are done.
+            // The operations after it run beside it, unless one writes a
+            // byte it reads or writes; that one waits for it.
+            if let Some(h) = &hazard {
+                if tally.is_done(h.op) {
+                    hazard = None;
+                } else if h.conflicts(slot, op) {
+                    tally.drain(&done_rx);
+                    hazard = None;
                 }
+            }
+            let recompress = matches!(op, Operation::Recompress { .. });
+            if recompress {
+                tally.drain(&done_rx);
+            }
+            if tally.failure.is_some() {
+                break;
+            }
+            if recompress {
+                let size = slots[slot].image.size;
+                hazard = Some(Hazard {
+                    op: index,
+                    slot,
+                    ranges: blob
+                        .as_deref()
+                        .and_then(|b| recompress_footprint(op, b, size))
+                        .unwrap_or_else(|| vec![(0, u64::MAX)]),
+                });
             }
             let job = Job {
                 index,
@@ -624,9 +646,6 @@ pub fn apply<R: PayloadReader>(
                 break;
             }
             tally.in_flight += 1;
-            if alone {
-                tally.drain(&done_rx);
-            }
         }
         drop(job_tx);
         tally.drain(&done_rx);
@@ -747,6 +766,11 @@ impl Tally {
         }
     }
 
+    /// Whether operation `index` is written.
+    fn is_done(&self, index: usize) -> bool {
+        index < self.low_water || self.completed.contains(&index)
+    }
+
     /// Waits for every job in flight.
     fn drain(&mut self, done: &mpsc::Receiver<Result<(usize, u64), ApplyError>>) {
         while self.in_flight > 0 {
@@ -756,6 +780,68 @@ impl Tally {
             }
         }
     }
+}
+
+/// A recompress operation in flight and the target bytes it reads or
+/// writes.
+#[derive(Debug)]
+struct Hazard {
+    op: usize,
+    slot: usize,
+    /// Byte ranges of the slot's target, sorted and merged.
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Hazard {
+    /// Whether `op` of component `slot` must wait for the recompress
+    /// operation: another recompress operation, an operation of another
+    /// component (whose target may share its file), or one that writes a
+    /// byte the recompress operation reads or writes.
+    fn conflicts(&self, slot: usize, op: &Operation) -> bool {
+        matches!(op, Operation::Recompress { .. })
+            || slot != self.slot
+            || op.dst().iter().any(|e| {
+                let start = e.start().saturating_mul(BLOCK_SIZE);
+                let end = start.saturating_add(e.count().saturating_mul(BLOCK_SIZE));
+                crate::region::overlaps_any(&self.ranges, start, end)
+            })
+    }
+}
+
+/// The target byte ranges a recompress operation reads (its recipe's) or
+/// writes (its `dst`), sorted and merged, from its blob as the payload
+/// carries it. `None` when it is not a recompress operation or its blob
+/// does not parse (the operation then fails on it by itself).
+pub fn recompress_footprint(
+    op: &Operation,
+    blob: &[u8],
+    target_size: u64,
+) -> Option<Vec<(u64, u64)>> {
+    let Operation::Recompress {
+        dst,
+        content_len,
+        erofs_view,
+        ..
+    } = op
+    else {
+        return None;
+    };
+    // Nothing unverified is parsed.
+    if op.blob().is_none_or(|b| sha256(blob) != b.sha256) {
+        return None;
+    }
+    let body = zstd_decompress_bounded(blob, MAX_RECIPE_BODY as usize).ok()?;
+    let recipe =
+        crate::recompress::Recipe::parse(&body, *content_len, target_size, *erofs_view).ok()?;
+    let mut ranges = recipe.target_reads();
+    ranges.extend(dst.iter().map(|e| {
+        let start = e.start().saturating_mul(BLOCK_SIZE);
+        (
+            start,
+            start.saturating_add(e.count().saturating_mul(BLOCK_SIZE)),
+        )
+    }));
+    Some(crate::region::merge_ranges(ranges))
 }
 
 fn checkpoint(
@@ -802,17 +888,10 @@ fn run_job(slot: &Slot, job: Job) -> Result<u64, ApplyError> {
     let write_err = || io_err(format!("writing {}", slot.target_path.display()));
     match &job.op {
         Operation::Zero { .. } => {
-            let zeros = vec![0u8; 1 << 20];
             for e in dst {
-                let mut pos = e.start() * BLOCK_SIZE;
-                let end = pos + e.count() * BLOCK_SIZE;
-                while pos < end {
-                    let n = (end - pos).min(zeros.len() as u64) as usize;
-                    slot.target
-                        .write_all_at(&zeros[..n], pos)
-                        .map_err(write_err())?;
-                    pos += n as u64;
-                }
+                slot.target
+                    .zero_range(e.start() * BLOCK_SIZE, e.count() * BLOCK_SIZE)
+                    .map_err(write_err())?;
             }
         }
         Operation::Copy { src, .. } => {
@@ -1002,4 +1081,106 @@ fn copy_extents(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Blob, ZstdEncoder};
+
+    fn recompress_op(dst: Vec<Extent>) -> Operation {
+        Operation::Recompress {
+            dst,
+            content_len: 1,
+            encoder: ZstdEncoder {
+                version: crate::recompress::zstd_version(),
+                level: 9,
+                workers: 1,
+                checksum: true,
+            },
+            chunks: Vec::new(),
+            blob: Blob {
+                offset: 0,
+                len: 0,
+                sha256: sha256(b""),
+            },
+            erofs_view: false,
+        }
+    }
+
+    #[test]
+    fn only_operations_that_touch_what_a_recompress_operation_reads_or_writes_wait() {
+        // The recompress operation reads bytes 4096..8192 and 40960..41000
+        // and writes blocks 20..22.
+        let hazard = Hazard {
+            op: 7,
+            slot: 0,
+            ranges: crate::region::merge_ranges(vec![
+                (4096, 8192),
+                (40960, 41000),
+                (20 * 4096, 22 * 4096),
+            ]),
+        };
+        let zero = |dst: Vec<Extent>| Operation::Zero { dst };
+        assert!(!hazard.conflicts(0, &zero(vec![Extent(0, 1), Extent(2, 8)])));
+        assert!(
+            hazard.conflicts(0, &zero(vec![Extent(0, 2)])),
+            "reads block 1"
+        );
+        assert!(
+            hazard.conflicts(0, &zero(vec![Extent(10, 1)])),
+            "reads into block 10"
+        );
+        assert!(
+            hazard.conflicts(0, &zero(vec![Extent(21, 5)])),
+            "writes block 21"
+        );
+        assert!(!hazard.conflicts(0, &zero(vec![Extent(22, 100)])));
+        // Another component may share the target's file; another
+        // recompress operation may read anything: both wait.
+        assert!(hazard.conflicts(1, &zero(vec![Extent(100, 1)])));
+        assert!(hazard.conflicts(0, &recompress_op(vec![Extent(100, 1)])));
+    }
+
+    #[test]
+    fn a_recompress_footprint_needs_a_verified_blob_that_parses() {
+        // "TRCP", no prefix or suffix, one target piece of 10 bytes at 5000.
+        let mut recipe = b"TRCP".to_vec();
+        recipe.extend_from_slice(&0u32.to_le_bytes());
+        recipe.extend_from_slice(&0u32.to_le_bytes());
+        recipe.extend_from_slice(&1u32.to_le_bytes());
+        recipe.push(0);
+        recipe.extend_from_slice(&10u64.to_le_bytes());
+        recipe.extend_from_slice(&5000u64.to_le_bytes());
+        let mut compressed = Vec::with_capacity(256);
+        zstd_safe::compress(&mut compressed, &recipe, 3).unwrap();
+        let mut op = recompress_op(vec![Extent(3, 1)]);
+        if let Operation::Recompress {
+            content_len, blob, ..
+        } = &mut op
+        {
+            *content_len = 10;
+            blob.len = compressed.len() as u64;
+            blob.sha256 = sha256(&compressed);
+        }
+        assert_eq!(
+            recompress_footprint(&op, &compressed, 1 << 20),
+            Some(
+                vec![(3 * 4096, 4 * 4096), (5000, 5010)]
+                    .into_iter()
+                    .collect::<Vec<_>>()
+            )
+            .map(crate::region::merge_ranges)
+        );
+        // A blob that is not the signed one is not parsed.
+        let mut other = compressed.clone();
+        other[0] ^= 1;
+        assert_eq!(recompress_footprint(&op, &other, 1 << 20), None);
+        // A recipe that reads past the image does not parse.
+        assert_eq!(recompress_footprint(&op, &compressed, 5005), None);
+        assert_eq!(
+            recompress_footprint(&Operation::Zero { dst: vec![] }, &compressed, 1 << 20),
+            None
+        );
+    }
 }

@@ -327,29 +327,57 @@ fn make_component(
     } else {
         Vec::new()
     };
-    let planned = plan::group_blocks(&classes, opts.grouping);
-    drop(classes);
-    let (mut operations, mut data_len) = encode_all(
-        &planned,
-        &target_file,
-        source_view.as_ref(),
-        opts,
-        data_file,
-        progress,
-    )?;
-    // Last: recompress operations read target blocks the operations
-    // before them write.
-    let mut writer = data_file;
-    for (mut op, blob) in erofs_ops.into_iter().chain(recompressed) {
-        writer
-            .write_all(&blob)
-            .map_err(io_err("writing the data section"))?;
-        if let Some(b) = op.blob_mut() {
-            b.offset = data_len;
-        }
-        data_len += blob.len() as u64;
-        operations.push(op);
+    // Recompress operations read target blocks that the operations before
+    // them write. They go right after the operations that write what they
+    // read, so that a node runs the rest beside them.
+    let mut reads = Vec::new();
+    for (op, blob) in &recompressed {
+        reads.extend(
+            crate::apply::recompress_footprint(op, blob, target_size).ok_or(
+                RecompressError::Malformed("a recipe this maker made does not parse"),
+            )?,
+        );
     }
+    let reads = crate::region::merge_ranges(reads);
+    let writes_read = |dst: &[Extent]| {
+        dst.iter().any(|e| {
+            let start = e.start() * BLOCK_SIZE;
+            crate::region::overlaps_any(&reads, start, start + e.count() * BLOCK_SIZE)
+        })
+    };
+    let (mut before, mut after) = (classes.clone(), classes);
+    for (block, (b, a)) in before.iter_mut().zip(after.iter_mut()).enumerate() {
+        let at = block as u64 * BLOCK_SIZE;
+        if crate::region::overlaps_any(&reads, at, at + BLOCK_SIZE) {
+            *a = plan::BlockClass::Claimed;
+        } else {
+            *b = plan::BlockClass::Claimed;
+        }
+    }
+    let (erofs_before, erofs_after): (Vec<_>, Vec<_>) = erofs_ops
+        .into_iter()
+        .partition(|(op, _)| writes_read(op.dst()));
+    let mut operations = Vec::new();
+    let encode = |classes: Vec<plan::BlockClass>, start: u64, ops: &mut Vec<Operation>| {
+        let planned = plan::group_blocks(&classes, opts.grouping);
+        drop(classes);
+        let (encoded, end) = encode_all(
+            &planned,
+            &target_file,
+            source_view.as_ref(),
+            opts,
+            data_file,
+            start,
+            progress,
+        )?;
+        ops.extend(encoded);
+        Ok::<_, MakeError>(end)
+    };
+    let mut data_len = encode(before, 0, &mut operations)?;
+    let apart = erofs_before.into_iter().chain(recompressed);
+    data_len = append_encoded(apart, data_file, data_len, &mut operations)?;
+    data_len = encode(after, data_len, &mut operations)?;
+    data_len = append_encoded(erofs_after, data_file, data_len, &mut operations)?;
     for op in &mut operations {
         if let Some(blob) = op.blob_mut() {
             blob.offset += base;
@@ -371,6 +399,28 @@ fn make_component(
         },
         data_len,
     ))
+}
+
+/// Appends operations planned apart (erofs, recompress) and their blobs
+/// to the data section from `data_len`; returns where it then ends.
+fn append_encoded(
+    encoded: impl IntoIterator<Item = Encoded>,
+    data_file: &File,
+    mut data_len: u64,
+    operations: &mut Vec<Operation>,
+) -> Result<u64, MakeError> {
+    let mut writer = data_file;
+    for (mut op, blob) in encoded {
+        writer
+            .write_all(&blob)
+            .map_err(io_err("writing the data section"))?;
+        if let Some(b) = op.blob_mut() {
+            b.offset = data_len;
+        }
+        data_len += blob.len() as u64;
+        operations.push(op);
+    }
+    Ok(data_len)
 }
 
 fn temp_path(dir: &Path, out: &Path, what: &str) -> PathBuf {
@@ -1150,13 +1200,16 @@ fn encode_literal(
     best.ok_or(MakeError::Zstd("no encoding produced"))
 }
 
-/// Encodes every planned operation, writing blobs in order to `data_file`.
+/// Encodes every planned operation, writing blobs in order to `data_file`
+/// (the data section's offset `start` onwards); returns the operations and
+/// where the data section then ends.
 fn encode_all(
     planned: &[PlannedOp],
     target: &File,
     source: Option<&SourceView<'_>>,
     opts: &MakeOptions,
     data_file: &File,
+    start: u64,
     progress: &(dyn Fn(MakeProgress) + Sync),
 ) -> Result<(Vec<Operation>, u64), MakeError> {
     let literal_total: u64 = planned
@@ -1168,7 +1221,7 @@ fn encode_all(
         .sum();
     let mut literal_done = 0u64;
     let mut operations = Vec::with_capacity(planned.len());
-    let mut offset = 0u64;
+    let mut offset = start;
     let mut writer = BufWriter::with_capacity(1 << 20, data_file);
     let batch_len = opts.threads.max(1) * 3;
     for batch in planned.chunks(batch_len) {

@@ -385,6 +385,28 @@ impl<'a> Recipe<'a> {
     }
 }
 
+impl Recipe<'_> {
+    /// The target byte ranges the recipe reads, sorted and merged: its
+    /// target pieces, and the whole of every erofs view piece (the 4 KiB
+    /// block of an lz4 piece). An operation that writes none of them (nor
+    /// the recompress operation's own `dst`) may run beside it.
+    pub fn target_reads(&self) -> Vec<(u64, u64)> {
+        let mut reads: Vec<(u64, u64)> = self
+            .pieces
+            .iter()
+            .filter_map(|p| match *p {
+                Piece::Target { offset, len } => Some((offset, offset.saturating_add(len))),
+                _ => None,
+            })
+            .collect();
+        reads.extend(self.view.iter().map(|v| {
+            let stored = if v.lz4 { BLOCK_SIZE } else { u64::from(v.len) };
+            (v.offset, v.offset.saturating_add(stored))
+        }));
+        crate::region::merge_ranges(reads)
+    }
+}
+
 /// A zstd compressor set up as an operation's encoder names.
 pub struct StreamCompressor {
     cctx: CCtx<'static>,

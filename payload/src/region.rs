@@ -24,6 +24,28 @@ impl ByteRange {
     }
 }
 
+/// Sorts byte ranges `[start, end)` and merges those that touch or overlap.
+pub fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.retain(|&(start, end)| start < end);
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
+/// Whether `[start, end)` shares a byte with any of `merged` (as
+/// [`merge_ranges`] returns them).
+pub fn overlaps_any(merged: &[(u64, u64)], start: u64, end: u64) -> bool {
+    // The first range that ends after `start` is the only candidate.
+    let i = merged.partition_point(|&(_, e)| e <= start);
+    merged.get(i).is_some_and(|&(s, _)| s < end)
+}
+
 /// An open file seen through a [`ByteRange`]: offset 0 is the range's start.
 #[derive(Debug)]
 pub struct Region {
@@ -58,6 +80,46 @@ impl Region {
 
     pub fn range(&self) -> ByteRange {
         self.range
+    }
+
+    /// Makes `len` bytes from `offset` read as zeros, inside the range
+    /// only. `fallocate(FALLOC_FL_ZERO_RANGE)` where the file system or
+    /// block device offers it (unwritten extents, or the device's write
+    /// zeroes), else zeros written through a buffer.
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.range.len)
+        {
+            return Err(io::Error::other(format!(
+                "zeroing {len} bytes at {offset} would pass the end of the {}-byte region",
+                self.range.len
+            )));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        use rustix::fs::{fallocate, FallocateFlags};
+        let flags = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
+        match fallocate(&self.file, flags, self.range.offset + offset, len) {
+            Ok(()) => return Ok(()),
+            // Not offered here (tmpfs, some block devices): write zeros.
+            Err(e)
+                if e == rustix::io::Errno::OPNOTSUPP
+                    || e == rustix::io::Errno::NOSYS
+                    || e == rustix::io::Errno::INVAL
+                    || e == rustix::io::Errno::NODEV => {}
+            Err(e) => return Err(e.into()),
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(zeros.len() as u64) as usize;
+            self.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
     }
 }
 
@@ -106,6 +168,43 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"01234ab789");
         assert!(ByteRange { offset: 0, len: 4 }.overlaps(&ByteRange { offset: 3, len: 1 }));
         assert!(!ByteRange { offset: 0, len: 4 }.overlaps(&ByteRange { offset: 4, len: 1 }));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn ranges_merge_and_overlaps_are_found() {
+        let m = merge_ranges(vec![(10, 20), (0, 5), (5, 7), (15, 30), (40, 40), (50, 60)]);
+        assert_eq!(m, vec![(0, 7), (10, 30), (50, 60)]);
+        assert!(overlaps_any(&m, 6, 8));
+        assert!(!overlaps_any(&m, 7, 10));
+        assert!(overlaps_any(&m, 29, 100));
+        assert!(!overlaps_any(&m, 30, 50));
+        assert!(overlaps_any(&m, 0, 1));
+        assert!(!overlaps_any(&m, 60, 70));
+        assert!(!overlaps_any(&[], 0, u64::MAX));
+    }
+
+    #[test]
+    fn zeroing_stays_inside_the_range_and_reads_back_as_zeros() {
+        let path = std::env::temp_dir().join(format!("tandem-region-z-{}", std::process::id()));
+        let data: Vec<u8> = (0..5 * 4096u32).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        let region = Region::new(
+            file,
+            ByteRange {
+                offset: 4096,
+                len: 3 * 4096,
+            },
+        );
+        region.zero_range(4096, 2 * 4096).unwrap();
+        assert!(region.zero_range(4096, 2 * 4096 + 1).is_err());
+        assert!(region.zero_range(u64::MAX, 2).is_err());
+        let after = std::fs::read(&path).unwrap();
+        assert_eq!(after.len(), data.len(), "the file keeps its size");
+        assert_eq!(after[..2 * 4096], data[..2 * 4096]);
+        assert!(after[2 * 4096..4 * 4096].iter().all(|&b| b == 0));
+        assert_eq!(after[4 * 4096..], data[4 * 4096..]);
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -898,6 +898,33 @@ fn a_new_initrd_is_re_created_from_the_new_files_and_a_wrong_encoder_is_caught()
     apply(&bytes).unwrap();
     assert!(fs::read(&slot).unwrap() == new, "byte-exact round trip");
 
+    // The recompress operation comes right after the operations that
+    // write what it reads (some of the modules), and the others (zero
+    // blocks, the modules it does not read) after it, so that a node runs
+    // them beside it.
+    let ops = &with.components[0].operations;
+    let r = ops
+        .iter()
+        .position(|o| matches!(o, Operation::Recompress { .. }))
+        .unwrap();
+    let blob = ops[r].blob().unwrap();
+    let data = sections(&bytes).2 + blob.offset as usize;
+    let footprint = payload::apply::recompress_footprint(
+        &ops[r],
+        &bytes[data..data + blob.len as usize],
+        new.len() as u64,
+    )
+    .unwrap();
+    let touches = |o: &Operation| {
+        o.dst().iter().any(|e| {
+            let (start, end) = (e.start() * 4096, (e.start() + e.count()) * 4096);
+            payload::region::overlaps_any(&footprint, start, end)
+        })
+    };
+    assert!(r > 0 && ops[..r].iter().all(touches), "{ops:?}");
+    assert!(ops.len() > r + 1, "{ops:?}");
+    assert!(!ops[r + 1..].iter().any(touches), "{ops:?}");
+
     // A signed manifest naming another level: the node's output differs
     // from the signed stream, its first chunk fails its hash, and the
     // apply stops with that error; none of the stream's blocks is written.
