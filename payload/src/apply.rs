@@ -8,7 +8,7 @@
 //! most one blob, one reference and one output (see the limits in
 //! [`crate::format`]): under 100 MiB with two workers, whatever the image.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Read};
 use std::ops::ControlFlow;
@@ -19,10 +19,10 @@ use std::sync::{mpsc, Arc};
 use serde::{Deserialize, Serialize};
 
 use crate::container::{PayloadError, PayloadHead};
-use crate::digest::{digest_file, sha256, worker_count};
+use crate::digest::{digest_file, hash_segment, root_of, sha256, worker_count};
 use crate::format::{
-    total_blocks, Extent, ImageRef, Manifest, Operation, Sha256Hex, BLOCK_SIZE, MAX_BSDIFF_BODY,
-    MAX_EROFS_BODY, MAX_RECIPE_BODY,
+    total_blocks, Extent, ImageRef, Manifest, Operation, Sha256Hex, BLOCK_SIZE, DIGEST_SEGMENT,
+    MAX_BSDIFF_BODY, MAX_EROFS_BODY, MAX_RECIPE_BODY,
 };
 use crate::make::read_extents;
 use crate::region::{ByteRange, Region};
@@ -490,20 +490,29 @@ pub fn apply<R: PayloadReader>(
     }
 
     let threads = opts.threads.max(1);
-    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(threads);
+    let (job_tx, job_rx) = mpsc::sync_channel::<Work>(threads);
     let job_rx = std::sync::Mutex::new(job_rx);
-    let (done_tx, done_rx) = mpsc::channel::<Result<(usize, u64), ApplyError>>();
+    let (done_tx, done_rx) = mpsc::channel::<Done>();
     let mut stopped = false;
+    let sizes: Vec<u64> = slots.iter().map(|s| s.image.size).collect();
+    let op_list: Vec<(usize, &Operation)> = ops.iter().map(|&(slot, op, _)| (slot, op)).collect();
     let mut tally = Tally {
         in_flight: 0,
         failure: None,
         completed: BTreeSet::new(),
         low_water: start_op,
         done_bytes,
+        segments: Segments::new(&sizes, &op_list[start_op..]),
     };
     let mut hazard: Option<Hazard> = None;
     let mut last_checkpoint_bytes = done_bytes;
     let mut read_bytes = data_start + start_offset;
+    let writing = |done_bytes: u64, read_bytes: u64| ApplyProgress {
+        phase: Phase::Writing,
+        done_bytes,
+        total_bytes,
+        read_bytes,
+    };
 
     std::thread::scope(|scope| {
         for _ in 0..threads {
@@ -511,34 +520,54 @@ pub fn apply<R: PayloadReader>(
             let job_rx = &job_rx;
             let slots = &slots;
             scope.spawn(move || loop {
-                let job = match job_rx.lock() {
+                let work = match job_rx.lock() {
                     Ok(rx) => rx.recv(),
                     Err(_) => return,
                 };
-                let Ok(job) = job else { return };
-                let index = job.index;
-                let result = run_job(&slots[job.slot], job).map(|bytes| (index, bytes));
-                if done_tx.send(result).is_err() {
+                let done = match work {
+                    Ok(Work::Op(job)) => {
+                        let index = job.index;
+                        Done::Op(run_job(&slots[job.slot], job).map(|bytes| (index, bytes)))
+                    }
+                    Ok(Work::Hash { slot, segment }) => {
+                        let s = &slots[slot];
+                        let mut buf = vec![0u8; 1 << 20];
+                        let result =
+                            hash_segment(&s.target, s.image.size, segment as u64, &mut buf);
+                        Done::Hash {
+                            slot,
+                            segment,
+                            result,
+                        }
+                    }
+                    Err(_) => return,
+                };
+                if done_tx.send(done).is_err() {
                     return;
                 }
             });
         }
         drop(done_tx);
 
-        for (index, &(slot, op, blob_offset)) in ops.iter().enumerate().skip(start_op) {
+        'ops: for (index, &(slot, op, blob_offset)) in ops.iter().enumerate().skip(start_op) {
             while let Ok(r) = done_rx.try_recv() {
-                tally.absorb(r);
+                tally.absorb(r, &op_list);
+            }
+            // Segments that no operation writes any more are read back and
+            // hashed now, beside the writing.
+            while let Some((slot, segment)) = tally.segments.ready.pop_front() {
+                let rb = read_bytes;
+                let mut ask = |t: &Tally| control(&writing(t.done_bytes, rb));
+                let work = Work::Hash { slot, segment };
+                if !hand_over(work, &job_tx, &done_rx, &mut tally, &op_list, &mut ask) {
+                    stopped = tally.failure.is_none();
+                    break 'ops;
+                }
             }
             if tally.failure.is_some() {
                 break;
             }
-            let progress = ApplyProgress {
-                phase: Phase::Writing,
-                done_bytes: tally.done_bytes,
-                total_bytes,
-                read_bytes,
-            };
-            if control(&progress).is_break() {
+            if control(&writing(tally.done_bytes, read_bytes)).is_break() {
                 stopped = true;
                 break;
             }
@@ -590,13 +619,13 @@ pub fn apply<R: PayloadReader>(
                 if tally.is_done(h.op) {
                     hazard = None;
                 } else if h.conflicts(slot, op) {
-                    tally.drain(&done_rx);
+                    tally.drain(&done_rx, &op_list);
                     hazard = None;
                 }
             }
             let recompress = matches!(op, Operation::Recompress { .. });
             if recompress {
-                tally.drain(&done_rx);
+                tally.drain(&done_rx, &op_list);
             }
             if tally.failure.is_some() {
                 break;
@@ -618,42 +647,47 @@ pub fn apply<R: PayloadReader>(
                 op: op.clone(),
                 blob,
             };
-            // While the workers are busy, keep absorbing their results
-            // and asking `control`, so a stop request is honoured at once
-            // rather than after the queue drains.
-            let mut pending = job;
-            let sent = loop {
-                match job_tx.try_send(pending) {
-                    Ok(()) => break true,
-                    Err(mpsc::TrySendError::Disconnected(_)) => break false,
-                    Err(mpsc::TrySendError::Full(back)) => pending = back,
-                }
-                if let Ok(r) = done_rx.recv_timeout(std::time::Duration::from_millis(50)) {
-                    tally.absorb(r);
-                }
-                let progress = ApplyProgress {
-                    phase: Phase::Writing,
-                    done_bytes: tally.done_bytes,
-                    total_bytes,
-                    read_bytes,
-                };
-                if tally.failure.is_some() || control(&progress).is_break() {
-                    stopped = tally.failure.is_none();
-                    break false;
-                }
-            };
-            if !sent {
+            let rb = read_bytes;
+            let mut ask = |t: &Tally| control(&writing(t.done_bytes, rb));
+            if !hand_over(
+                Work::Op(job),
+                &job_tx,
+                &done_rx,
+                &mut tally,
+                &op_list,
+                &mut ask,
+            ) {
+                stopped = tally.failure.is_none();
                 break;
             }
-            tally.in_flight += 1;
+        }
+        // The last operations done, their segments are read back.
+        while !stopped && tally.failure.is_none() {
+            if let Some((slot, segment)) = tally.segments.ready.pop_front() {
+                let rb = read_bytes;
+                let mut ask = |t: &Tally| control(&writing(t.done_bytes, rb));
+                let work = Work::Hash { slot, segment };
+                if !hand_over(work, &job_tx, &done_rx, &mut tally, &op_list, &mut ask) {
+                    stopped = tally.failure.is_none();
+                    break;
+                }
+            } else if tally.in_flight > 0 {
+                match done_rx.recv() {
+                    Ok(r) => tally.absorb(r, &op_list),
+                    Err(_) => break,
+                }
+            } else {
+                break;
+            }
         }
         drop(job_tx);
-        tally.drain(&done_rx);
+        tally.drain(&done_rx, &op_list);
     });
     let Tally {
         failure,
         low_water,
         done_bytes,
+        segments,
         ..
     } = tally;
 
@@ -681,7 +715,8 @@ pub fn apply<R: PayloadReader>(
         }));
     }
 
-    for (slot, c) in slots.iter().zip(&manifest.components) {
+    let mut hashes = segments.hashes;
+    for (i, (slot, c)) in slots.iter().zip(&manifest.components).enumerate() {
         slot.target
             .file()
             .sync_all()
@@ -692,11 +727,23 @@ pub fn apply<R: PayloadReader>(
             total_bytes,
             read_bytes,
         });
-        let found = digest_file(&slot.target, slot.image.size).map_err(io_err(format!(
-            "reading back {}",
-            slot.target_path.display()
-        )))?;
-        if found.sha256 != slot.image.digest.sha256 {
+        // Every segment was read back after the last operation that writes
+        // it; one that was not (none should be) is read back now.
+        let mut buf = vec![0u8; 1 << 20];
+        let mut found = Vec::with_capacity(hashes[i].len());
+        for (segment, hash) in std::mem::take(&mut hashes[i]).into_iter().enumerate() {
+            let hash = match hash {
+                Some(h) => h,
+                None => {
+                    hash_segment(&slot.target, slot.image.size, segment as u64, &mut buf).map_err(
+                        io_err(format!("reading back {}", slot.target_path.display())),
+                    )?
+                }
+            };
+            found.push(hash);
+        }
+        let found = root_of(&found);
+        if found != slot.image.digest.sha256 {
             if let Some(path) = &opts.checkpoint {
                 let _ = std::fs::remove_file(path);
             }
@@ -704,7 +751,7 @@ pub fn apply<R: PayloadReader>(
                 component: c.name.clone(),
                 path: slot.target_path.clone(),
                 expected: slot.image.digest.sha256,
-                found: found.sha256,
+                found,
             });
         }
     }
@@ -738,6 +785,125 @@ pub fn apply<R: PayloadReader>(
     }))
 }
 
+/// What the workers are handed: an operation, or a segment of a target to
+/// read back and hash.
+enum Work {
+    Op(Job),
+    Hash { slot: usize, segment: usize },
+}
+
+/// What they send back.
+enum Done {
+    Op(Result<(usize, u64), ApplyError>),
+    Hash {
+        slot: usize,
+        segment: usize,
+        result: io::Result<Sha256Hex>,
+    },
+}
+
+/// Hands `work` to the workers and counts it in flight. While they are
+/// busy it absorbs their results and asks `control`, so that a stop
+/// request is honoured at once rather than after the queue drains. False
+/// when it was not handed over: the workers are gone, something failed, or
+/// `control` asked to stop.
+fn hand_over(
+    mut work: Work,
+    job_tx: &mpsc::SyncSender<Work>,
+    done_rx: &mpsc::Receiver<Done>,
+    tally: &mut Tally,
+    ops: &[(usize, &Operation)],
+    control: &mut dyn FnMut(&Tally) -> ControlFlow<()>,
+) -> bool {
+    loop {
+        match job_tx.try_send(work) {
+            Ok(()) => {
+                tally.in_flight += 1;
+                return true;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return false,
+            Err(mpsc::TrySendError::Full(back)) => work = back,
+        }
+        if let Ok(r) = done_rx.recv_timeout(std::time::Duration::from_millis(50)) {
+            tally.absorb(r, ops);
+        }
+        if tally.failure.is_some() || control(tally).is_break() {
+            return false;
+        }
+    }
+}
+
+/// Which [`DIGEST_SEGMENT`]s of each target no operation still writes:
+/// those are read back and hashed while the others are being written.
+/// Decisions only; the workers do the reading.
+#[derive(Debug)]
+struct Segments {
+    /// Per component: how many operations still write into each segment.
+    pending: Vec<Vec<u32>>,
+    /// Segments no operation writes any more, not yet handed out.
+    ready: VecDeque<(usize, usize)>,
+    /// Per component: each segment's SHA-256 once read back.
+    hashes: Vec<Vec<Option<Sha256Hex>>>,
+}
+
+impl Segments {
+    /// `sizes`: each component's target size; `ops`: the operations still
+    /// to run, with their component.
+    fn new(sizes: &[u64], ops: &[(usize, &Operation)]) -> Segments {
+        let counts = sizes.iter().map(|s| s.div_ceil(DIGEST_SEGMENT) as usize);
+        let mut pending: Vec<Vec<u32>> = counts.clone().map(|n| vec![0; n]).collect();
+        for &(slot, op) in ops {
+            for segment in segments_of(op, pending[slot].len()) {
+                pending[slot][segment] += 1;
+            }
+        }
+        let ready = pending
+            .iter()
+            .enumerate()
+            .flat_map(|(slot, p)| {
+                p.iter()
+                    .enumerate()
+                    .filter(|(_, &n)| n == 0)
+                    .map(move |(segment, _)| (slot, segment))
+            })
+            .collect();
+        Segments {
+            pending,
+            ready,
+            hashes: counts.map(|n| vec![None; n]).collect(),
+        }
+    }
+
+    /// Operation `op` of component `slot` is written.
+    fn written(&mut self, slot: usize, op: &Operation) {
+        let pending = &mut self.pending[slot];
+        for segment in segments_of(op, pending.len()) {
+            pending[segment] = pending[segment].saturating_sub(1);
+            if pending[segment] == 0 {
+                self.ready.push_back((slot, segment));
+            }
+        }
+    }
+}
+
+/// The segments (of `count`) an operation writes into, each once.
+fn segments_of(op: &Operation, count: usize) -> Vec<usize> {
+    let mut out: Vec<usize> = Vec::new();
+    for e in op.dst() {
+        let first = e.start().saturating_mul(BLOCK_SIZE) / DIGEST_SEGMENT;
+        let last = (e.start() + e.count())
+            .saturating_mul(BLOCK_SIZE)
+            .saturating_sub(1)
+            / DIGEST_SEGMENT;
+        for segment in first..=last.min(count.saturating_sub(1) as u64) {
+            out.push(segment as usize);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// The results the workers have sent back, absorbed in any order.
 struct Tally {
     in_flight: usize,
@@ -747,21 +913,40 @@ struct Tally {
     /// Every operation below this one is done: a checkpoint resumes here.
     low_water: usize,
     done_bytes: u64,
+    segments: Segments,
 }
 
 impl Tally {
-    fn absorb(&mut self, result: Result<(usize, u64), ApplyError>) {
+    fn absorb(&mut self, done: Done, ops: &[(usize, &Operation)]) {
         self.in_flight -= 1;
-        match result {
-            Ok((index, bytes)) => {
+        match done {
+            Done::Op(Ok((index, bytes))) => {
                 self.completed.insert(index);
                 self.done_bytes += bytes;
                 while self.completed.remove(&self.low_water) {
                     self.low_water += 1;
                 }
+                if let Some(&(slot, op)) = ops.get(index) {
+                    self.segments.written(slot, op);
+                }
             }
-            Err(e) => {
+            Done::Op(Err(e)) => {
                 self.failure.get_or_insert(e);
+            }
+            Done::Hash {
+                slot,
+                segment,
+                result: Ok(hash),
+            } => {
+                self.segments.hashes[slot][segment] = Some(hash);
+            }
+            Done::Hash {
+                result: Err(error), ..
+            } => {
+                self.failure.get_or_insert(ApplyError::Io {
+                    context: "reading back the target".into(),
+                    error,
+                });
             }
         }
     }
@@ -772,10 +957,10 @@ impl Tally {
     }
 
     /// Waits for every job in flight.
-    fn drain(&mut self, done: &mpsc::Receiver<Result<(usize, u64), ApplyError>>) {
+    fn drain(&mut self, done: &mpsc::Receiver<Done>, ops: &[(usize, &Operation)]) {
         while self.in_flight > 0 {
             match done.recv() {
-                Ok(r) => self.absorb(r),
+                Ok(r) => self.absorb(r, ops),
                 Err(_) => break,
             }
         }
@@ -1140,6 +1325,38 @@ mod tests {
         // recompress operation may read anything: both wait.
         assert!(hazard.conflicts(1, &zero(vec![Extent(100, 1)])));
         assert!(hazard.conflicts(0, &recompress_op(vec![Extent(100, 1)])));
+    }
+
+    #[test]
+    fn a_segment_is_read_back_only_once_no_operation_writes_it() {
+        let per_segment = DIGEST_SEGMENT / BLOCK_SIZE;
+        // Two components: the first of three segments (the last one
+        // short), the second of one.
+        let sizes = [2 * DIGEST_SEGMENT + 4096, 4096];
+        let zero = |dst: Vec<Extent>| Operation::Zero { dst };
+        let a = zero(vec![Extent(0, 1), Extent(per_segment - 1, 2)]); // segments 0, 1
+        let b = zero(vec![Extent(per_segment + 5, 1)]); // segment 1
+        let c = zero(vec![Extent(0, 1)]); // the second component's only one
+        let ops = [(0, &a), (0, &b), (1, &c)];
+        let mut s = Segments::new(&sizes, &ops);
+        // Segment 2 of the first component is written by none of them.
+        assert_eq!(s.ready.drain(..).collect::<Vec<_>>(), vec![(0, 2)]);
+        s.written(0, &b);
+        assert!(s.ready.is_empty(), "segment 1 still has a to write");
+        s.written(0, &a);
+        assert_eq!(s.ready.drain(..).collect::<Vec<_>>(), vec![(0, 0), (0, 1)]);
+        s.written(1, &c);
+        assert_eq!(s.ready.drain(..).collect::<Vec<_>>(), vec![(1, 0)]);
+        assert_eq!(
+            s.hashes.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![3, 1]
+        );
+        // An operation already done before a resume counts for nothing.
+        let s = Segments::new(&sizes, &ops[1..]);
+        assert_eq!(
+            s.ready.iter().copied().collect::<Vec<_>>(),
+            vec![(0, 0), (0, 2)]
+        );
     }
 
     #[test]

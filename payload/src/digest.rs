@@ -94,7 +94,11 @@ pub fn digest_file<F: FileExt + Sync>(file: &F, size: u64) -> io::Result<Digest>
     })
 }
 
-fn hash_segment<F: FileExt>(
+/// SHA-256 of segment `index` of the first `size` bytes of `file`, read
+/// through `buf`. A segment that reads as all zeros (free space, zeroed
+/// blocks) is checked to be zeros and takes the known hash of zeros, which
+/// costs a comparison instead of hashing.
+pub fn hash_segment<F: FileExt>(
     file: &F,
     size: u64,
     index: u64,
@@ -104,13 +108,57 @@ fn hash_segment<F: FileExt>(
     let end = (start + DIGEST_SEGMENT).min(size);
     let mut h = Sha256::new();
     let mut pos = start;
+    // Zero bytes read from `start` and not yet hashed.
+    let mut zero_run = 0u64;
+    let mut only_zeros = true;
     while pos < end {
         let n = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
         file.read_exact_at(&mut buf[..n], pos)?;
-        h.update(&buf[..n]);
+        if only_zeros && is_zero(&buf[..n]) {
+            zero_run += n as u64;
+        } else {
+            if only_zeros {
+                update_zeros(&mut h, zero_run);
+                only_zeros = false;
+            }
+            h.update(&buf[..n]);
+        }
         pos += n as u64;
     }
+    if only_zeros {
+        return Ok(zeros_sha256(end - start));
+    }
     Ok(Sha256Hex(h.finalize().into()))
+}
+
+const ZERO_CHUNK: usize = 1 << 16;
+static ZEROS: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
+
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes.chunks(ZERO_CHUNK).all(|c| c == &ZEROS[..c.len()])
+}
+
+fn update_zeros(h: &mut Sha256, mut len: u64) {
+    while len > 0 {
+        let n = len.min(ZERO_CHUNK as u64) as usize;
+        h.update(&ZEROS[..n]);
+        len -= n as u64;
+    }
+}
+
+/// SHA-256 of `len` zero bytes; a whole segment's is computed once.
+fn zeros_sha256(len: u64) -> Sha256Hex {
+    static SEGMENT: std::sync::OnceLock<Sha256Hex> = std::sync::OnceLock::new();
+    let compute = |len| {
+        let mut h = Sha256::new();
+        update_zeros(&mut h, len);
+        Sha256Hex(h.finalize().into())
+    };
+    if len == DIGEST_SEGMENT {
+        *SEGMENT.get_or_init(|| compute(len))
+    } else {
+        compute(len)
+    }
 }
 
 #[cfg(test)]
@@ -134,6 +182,17 @@ mod tests {
         assert_eq!(d.segments, vec![sha256(&data[..seg]), sha256(&data[seg..])]);
         assert_eq!(d.sha256, root_of(&d.segments));
         assert!(digest_file(&f, data.len() as u64 + 4096).is_err());
+        // Zeros, whole segments and partial ones, and a segment that is
+        // zeros but for its last byte or its first.
+        let mut zeros = vec![0u8; 3 * seg + 100];
+        zeros[2 * seg - 1] = 7;
+        zeros[2 * seg] = 9;
+        File::create(&path).unwrap().write_all(&zeros).unwrap();
+        let f = File::open(&path).unwrap();
+        let d = digest_file(&f, zeros.len() as u64).unwrap();
+        let expected: Vec<_> = zeros.chunks(seg).map(sha256).collect();
+        assert_eq!(d.segments, expected);
+        assert_ne!(d.segments[0], d.segments[1]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
