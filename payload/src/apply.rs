@@ -1,8 +1,10 @@
 //! Applying a payload while it streams in: read once, front to back, from
 //! any byte stream. The head is verified before anything is written; each
 //! blob is hashed before it is decompressed and written (positionally, on
-//! every core); the target is read back and hashed at the end. Progress is
-//! checkpointed so an interrupted apply resumes where it stopped.
+//! every core); the target is read back and hashed, each 16 MiB segment as
+//! soon as no operation still writes it, and checked as a whole at the
+//! end. Progress is checkpointed so an interrupted apply resumes where it
+//! stopped.
 //!
 //! Memory: at most `threads` blobs queued plus `threads` in work, each at
 //! most one blob, one reference and one output (see the limits in
