@@ -551,20 +551,17 @@ pub fn apply<R: PayloadReader>(
         }
         drop(done_tx);
 
-        'ops: for (index, &(slot, op, blob_offset)) in ops.iter().enumerate().skip(start_op) {
+        for (index, &(slot, op, blob_offset)) in ops.iter().enumerate().skip(start_op) {
             while let Ok(r) = done_rx.try_recv() {
                 tally.absorb(r, &op_list);
             }
             // Segments that no operation writes any more are read back and
             // hashed now, beside the writing.
-            while let Some((slot, segment)) = tally.segments.ready.pop_front() {
-                let rb = read_bytes;
-                let mut ask = |t: &Tally| control(&writing(t.done_bytes, rb));
-                let work = Work::Hash { slot, segment };
-                if !hand_over(work, &job_tx, &done_rx, &mut tally, &op_list, &mut ask) {
-                    stopped = tally.failure.is_none();
-                    break 'ops;
-                }
+            let rb = read_bytes;
+            let mut ask = |t: &Tally| control(&writing(t.done_bytes, rb));
+            if !hand_out_ready(&mut tally, &job_tx, &done_rx, &op_list, &mut ask) {
+                stopped = tally.failure.is_none();
+                break;
             }
             if tally.failure.is_some() {
                 break;
@@ -665,21 +662,18 @@ pub fn apply<R: PayloadReader>(
         }
         // The last operations done, their segments are read back.
         while !stopped && tally.failure.is_none() {
-            if let Some((slot, segment)) = tally.segments.ready.pop_front() {
-                let rb = read_bytes;
-                let mut ask = |t: &Tally| control(&writing(t.done_bytes, rb));
-                let work = Work::Hash { slot, segment };
-                if !hand_over(work, &job_tx, &done_rx, &mut tally, &op_list, &mut ask) {
-                    stopped = tally.failure.is_none();
-                    break;
-                }
-            } else if tally.in_flight > 0 {
-                match done_rx.recv() {
-                    Ok(r) => tally.absorb(r, &op_list),
-                    Err(_) => break,
-                }
-            } else {
+            let rb = read_bytes;
+            let mut ask = |t: &Tally| control(&writing(t.done_bytes, rb));
+            if !hand_out_ready(&mut tally, &job_tx, &done_rx, &op_list, &mut ask) {
+                stopped = tally.failure.is_none();
                 break;
+            }
+            if tally.in_flight == 0 {
+                break;
+            }
+            match done_rx.recv() {
+                Ok(r) => tally.absorb(r, &op_list),
+                Err(_) => break,
             }
         }
         drop(job_tx);
@@ -833,6 +827,30 @@ fn hand_over(
             return false;
         }
     }
+}
+
+/// Hands every segment ready to be read back to the workers; false as
+/// [`hand_over`].
+fn hand_out_ready(
+    tally: &mut Tally,
+    job_tx: &mpsc::SyncSender<Work>,
+    done_rx: &mpsc::Receiver<Done>,
+    ops: &[(usize, &Operation)],
+    control: &mut dyn FnMut(&Tally) -> ControlFlow<()>,
+) -> bool {
+    while let Some((slot, segment)) = tally.segments.ready.pop_front() {
+        if !hand_over(
+            Work::Hash { slot, segment },
+            job_tx,
+            done_rx,
+            tally,
+            ops,
+            control,
+        ) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Which [`DIGEST_SEGMENT`]s of each target no operation still writes:

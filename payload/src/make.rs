@@ -411,16 +411,28 @@ fn append_encoded(
 ) -> Result<u64, MakeError> {
     let mut writer = data_file;
     for (mut op, blob) in encoded {
-        writer
-            .write_all(&blob)
-            .map_err(io_err("writing the data section"))?;
-        if let Some(b) = op.blob_mut() {
-            b.offset = data_len;
-        }
-        data_len += blob.len() as u64;
+        place_blob(&mut writer, &mut op, &blob, &mut data_len)?;
         operations.push(op);
     }
     Ok(data_len)
+}
+
+/// Writes an operation's blob where the data section ends (`end`), points
+/// the operation at it, and moves `end` past it.
+fn place_blob(
+    writer: &mut impl Write,
+    op: &mut Operation,
+    blob: &[u8],
+    end: &mut u64,
+) -> Result<(), MakeError> {
+    writer
+        .write_all(blob)
+        .map_err(io_err("writing the data section"))?;
+    if let Some(b) = op.blob_mut() {
+        b.offset = *end;
+    }
+    *end += blob.len() as u64;
+    Ok(())
 }
 
 fn temp_path(dir: &Path, out: &Path, what: &str) -> PathBuf {
@@ -1256,13 +1268,7 @@ fn encode_all(
                     let (mut operation, blob) = results[i]
                         .take()
                         .ok_or(MakeError::Zstd("encoder thread stopped early"))??;
-                    writer
-                        .write_all(&blob)
-                        .map_err(io_err("writing the data section"))?;
-                    if let Some(b) = operation.blob_mut() {
-                        b.offset = offset;
-                    }
-                    offset += blob.len() as u64;
+                    place_blob(&mut writer, &mut operation, &blob, &mut offset)?;
                     operations.push(operation);
                     literal_done += total_blocks(dst);
                 }

@@ -83,9 +83,13 @@ impl Region {
     }
 
     /// Makes `len` bytes from `offset` read as zeros, inside the range
-    /// only. `fallocate(FALLOC_FL_ZERO_RANGE)` where the file system or
-    /// block device offers it (unwritten extents, or the device's write
-    /// zeroes), else zeros written through a buffer.
+    /// only. In a regular file, `fallocate(FALLOC_FL_ZERO_RANGE)` where its
+    /// file system offers it (unwritten extents: no data written). On a
+    /// block device, and where that is not offered, zeros are written
+    /// through the page cache like any other bytes: a block device's
+    /// zeroing is a synchronous write of its own, as slow as the writes
+    /// without the device's write-zeroes command, and it would hold back
+    /// the apply's checkpoints.
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         if offset
             .checked_add(len)
@@ -101,15 +105,17 @@ impl Region {
         }
         use rustix::fs::{fallocate, FallocateFlags};
         let flags = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
-        match fallocate(&self.file, flags, self.range.offset + offset, len) {
-            Ok(()) => return Ok(()),
+        let regular = self.file.metadata()?.is_file();
+        match regular.then(|| fallocate(&self.file, flags, self.range.offset + offset, len)) {
+            None => {}
+            Some(Ok(())) => return Ok(()),
             // Not offered here (tmpfs, some block devices): write zeros.
-            Err(e)
+            Some(Err(e))
                 if e == rustix::io::Errno::OPNOTSUPP
                     || e == rustix::io::Errno::NOSYS
                     || e == rustix::io::Errno::INVAL
                     || e == rustix::io::Errno::NODEV => {}
-            Err(e) => return Err(e.into()),
+            Some(Err(e)) => return Err(e.into()),
         }
         let zeros = vec![0u8; len.min(1 << 20) as usize];
         let mut pos = offset;
