@@ -2,8 +2,8 @@
 //! any byte stream. The head is verified before anything is written; each
 //! blob is hashed before it is decompressed and written (positionally, on
 //! every core); the target is read back and hashed, each 16 MiB segment as
-//! soon as no operation still writes it, and checked as a whole at the
-//! end. Progress is checkpointed so an interrupted apply resumes where it
+//! soon as no operation still writes it once every operation is handed to
+//! the workers, and checked as a whole at the end. Progress is checkpointed so an interrupted apply resumes where it
 //! stopped.
 //!
 //! Memory: at most `threads` blobs queued plus `threads` in work, each at
@@ -555,14 +555,6 @@ pub fn apply<R: PayloadReader>(
             while let Ok(r) = done_rx.try_recv() {
                 tally.absorb(r, &op_list);
             }
-            // Segments that no operation writes any more are read back and
-            // hashed now, beside the writing.
-            let rb = read_bytes;
-            let mut ask = |t: &Tally| control(&writing(t.done_bytes, rb));
-            if !hand_out_ready(&mut tally, &job_tx, &done_rx, &op_list, &mut ask) {
-                stopped = tally.failure.is_none();
-                break;
-            }
             if tally.failure.is_some() {
                 break;
             }
@@ -660,7 +652,11 @@ pub fn apply<R: PayloadReader>(
                 break;
             }
         }
-        // The last operations done, their segments are read back.
+        // Every operation handed over, the segments no operation writes any
+        // more are read back and hashed while the last ones run (a long
+        // recompress operation). Not before: reading back would hold up
+        // operations and the checkpoints taken between them (the VM
+        // power-cut scenario then resumed from operation 0).
         while !stopped && tally.failure.is_none() {
             let rb = read_bytes;
             let mut ask = |t: &Tally| control(&writing(t.done_bytes, rb));
