@@ -3,8 +3,8 @@
 //! blob is hashed before it is decompressed and written (positionally, on
 //! every core); the target is read back and hashed, each 16 MiB segment as
 //! soon as no operation still writes it once every operation is handed to
-//! the workers, and checked as a whole at the end. Progress is checkpointed so an interrupted apply resumes where it
-//! stopped.
+//! the workers, and checked as a whole at the end. Progress is
+//! checkpointed so an interrupted apply resumes where it stopped.
 //!
 //! Memory: at most `threads` blobs queued plus `threads` in work, each at
 //! most one blob, one reference and one output (see the limits in
@@ -905,12 +905,9 @@ impl Segments {
 /// The segments (of `count`) an operation writes into, each once.
 fn segments_of(op: &Operation, count: usize) -> Vec<usize> {
     let mut out: Vec<usize> = Vec::new();
-    for e in op.dst() {
-        let first = e.start().saturating_mul(BLOCK_SIZE) / DIGEST_SEGMENT;
-        let last = (e.start() + e.count())
-            .saturating_mul(BLOCK_SIZE)
-            .saturating_sub(1)
-            / DIGEST_SEGMENT;
+    for e in op.dst().iter().filter(|e| e.count() > 0) {
+        let (start, end) = e.bytes();
+        let (first, last) = (start / DIGEST_SEGMENT, (end - 1) / DIGEST_SEGMENT);
         for segment in first..=last.min(count.saturating_sub(1) as u64) {
             out.push(segment as usize);
         }
@@ -1001,12 +998,17 @@ impl Hazard {
     fn conflicts(&self, slot: usize, op: &Operation) -> bool {
         matches!(op, Operation::Recompress { .. })
             || slot != self.slot
-            || op.dst().iter().any(|e| {
-                let start = e.start().saturating_mul(BLOCK_SIZE);
-                let end = start.saturating_add(e.count().saturating_mul(BLOCK_SIZE));
-                crate::region::overlaps_any(&self.ranges, start, end)
-            })
+            || writes_into(&self.ranges, op.dst())
     }
+}
+
+/// Whether extents `dst` share a byte with any of `merged` (byte ranges as
+/// [`crate::region::merge_ranges`] returns them).
+pub fn writes_into(merged: &[(u64, u64)], dst: &[Extent]) -> bool {
+    dst.iter().any(|e| {
+        let (start, end) = e.bytes();
+        crate::region::overlaps_any(merged, start, end)
+    })
 }
 
 /// The target byte ranges a recompress operation reads (its recipe's) or
@@ -1035,13 +1037,7 @@ pub fn recompress_footprint(
     let recipe =
         crate::recompress::Recipe::parse(&body, *content_len, target_size, *erofs_view).ok()?;
     let mut ranges = recipe.target_reads();
-    ranges.extend(dst.iter().map(|e| {
-        let start = e.start().saturating_mul(BLOCK_SIZE);
-        (
-            start,
-            start.saturating_add(e.count().saturating_mul(BLOCK_SIZE)),
-        )
-    }));
+    ranges.extend(dst.iter().map(Extent::bytes));
     Some(crate::region::merge_ranges(ranges))
 }
 
@@ -1358,7 +1354,7 @@ mod tests {
         // Segment 2 of the first component is written by none of them.
         assert_eq!(s.ready.drain(..).collect::<Vec<_>>(), vec![(0, 2)]);
         s.written(0, &b);
-        assert!(s.ready.is_empty(), "segment 1 still has a to write");
+        assert!(s.ready.is_empty(), "segment 1 is still written by `a`");
         s.written(0, &a);
         assert_eq!(s.ready.drain(..).collect::<Vec<_>>(), vec![(0, 0), (0, 1)]);
         s.written(1, &c);

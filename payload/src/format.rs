@@ -314,6 +314,16 @@ impl Extent {
     pub fn end(&self) -> Option<u64> {
         self.0.checked_add(self.1)
     }
+
+    /// The bytes `[start, end)` it covers (saturating: the validator
+    /// rejects extents near the limit long before).
+    pub fn bytes(&self) -> (u64, u64) {
+        let start = self.0.saturating_mul(BLOCK_SIZE);
+        (
+            start,
+            start.saturating_add(self.1.saturating_mul(BLOCK_SIZE)),
+        )
+    }
 }
 
 /// Total block count of a list of extents (saturating: the validator

@@ -339,12 +339,6 @@ fn make_component(
         );
     }
     let reads = crate::region::merge_ranges(reads);
-    let writes_read = |dst: &[Extent]| {
-        dst.iter().any(|e| {
-            let start = e.start() * BLOCK_SIZE;
-            crate::region::overlaps_any(&reads, start, start + e.count() * BLOCK_SIZE)
-        })
-    };
     let (mut before, mut after) = (classes.clone(), classes);
     for (block, (b, a)) in before.iter_mut().zip(after.iter_mut()).enumerate() {
         let at = block as u64 * BLOCK_SIZE;
@@ -356,7 +350,7 @@ fn make_component(
     }
     let (erofs_before, erofs_after): (Vec<_>, Vec<_>) = erofs_ops
         .into_iter()
-        .partition(|(op, _)| writes_read(op.dst()));
+        .partition(|(op, _)| crate::apply::writes_into(&reads, op.dst()));
     let mut operations = Vec::new();
     let encode = |classes: Vec<plan::BlockClass>, start: u64, ops: &mut Vec<Operation>| {
         let planned = plan::group_blocks(&classes, opts.grouping);

@@ -383,9 +383,7 @@ impl<'a> Recipe<'a> {
             body,
         })
     }
-}
 
-impl Recipe<'_> {
     /// The target byte ranges the recipe reads, sorted and merged: its
     /// target pieces, and the whole of every erofs view piece (the 4 KiB
     /// block of an lz4 piece). An operation that writes none of them (nor
