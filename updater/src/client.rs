@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::engine::{CheckReport, Engine, Progress, Status, UpdateOutcome, UpdateRequest, Wanted};
+use crate::api::{CheckReport, Progress, Status, UpdateOutcome, UpdateRequest, Wanted};
+use crate::engine::Engine;
 use crate::state::HistoryEvent;
 
 /// A daemon command.

@@ -1,5 +1,7 @@
 //! The tandem engine (library), `tandemd` and `updatectl`.
 //!
+//! - [`api`]: requests, reports and the status document.
+//! - [`cli`]: the clap definitions of `updatectl` and `tandemd`.
 //! - [`client`]: `updatectl`'s daemon commands (D-Bus or `--offline`).
 //! - [`config`]: TOML configuration with drop-ins.
 //! - [`machine`]: the update state machine (pure).
@@ -13,6 +15,8 @@
 //! - [`notify`]: readiness and status for systemd.
 //! - [`slotctl`]: the daemon-free slot view behind `updatectl slots`.
 
+pub mod api;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod engine;

@@ -3,8 +3,8 @@
 
 use std::fmt::Write;
 
+use crate::api::Status;
 use crate::config::Config;
-use crate::engine::Status;
 use crate::machine::UpdateState;
 
 const STATES: [UpdateState; 9] = [

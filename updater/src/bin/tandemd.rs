@@ -3,7 +3,6 @@
 //! `systemd-units/` says so, and the daemon checks the caller's uid too);
 //! anyone may read the status and history.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use tokio::sync::watch;
+use updater::api::{Status, UpdateRequest, Wanted};
+use updater::cli::tandemd::Args;
 use updater::config::{self, AutoMode};
-use updater::engine::{Engine, EngineError, Status, UpdateRequest, Wanted};
+use updater::engine::{Engine, EngineError};
 use updater::health::UnitProbe;
 use updater::notify::notify;
 use updater::reboot::{CommandRebooter, Rebooter};
@@ -20,17 +21,6 @@ use zbus::fdo;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::ObjectPath;
-
-#[derive(Debug, Parser)]
-#[command(name = "tandemd", version, about = "The tandem update daemon")]
-struct Args {
-    /// Read the configuration under this root (`/` on a node).
-    #[arg(long, default_value = "/")]
-    root: PathBuf,
-    /// Connect to the session bus instead of the system bus.
-    #[arg(long)]
-    session: bool,
-}
 
 struct Update1 {
     engine: Arc<Engine>,

@@ -1,0 +1,3 @@
+//! `tandem-release`'s command line, shared with `cargo xtask man`.
+
+pub mod cli;
