@@ -97,9 +97,7 @@ pub fn fleet_bench() -> Result<()> {
         "--bin",
         "fleet-bench",
     ]))?;
-    let target = env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
+    let target = crate::target_dir();
     run(Command::new(target.join("release/fleet-bench"))
         .args(env::args().skip(2))
         .env("TANDEM_CONTROL_PLANE", &bin))

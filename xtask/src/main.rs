@@ -16,11 +16,16 @@
 //!   on a real Debian security update (see `bench.rs`).
 //! - `cargo xtask demo`: tandem's main job in a VM: an update to slot B
 //!   booted and kept, then an update whose health check fails, rolled back.
+//! - `cargo xtask man [--out DIR]`: the manuals and shell completions,
+//!   generated from the programs' clap definitions (default `target/man`).
+//! - `cargo xtask install [--prefix DIR]`: the release binaries, manuals
+//!   and completions under DIR (default `/usr/local`).
 //! - `cargo xtask demo-disk`: the same loop on a disk image with the reboot
 //!   simulated (no VM): payloads, the daemon, GRUB's gptprio rules.
 
 mod bench;
 mod cluster;
+mod install;
 mod vm;
 
 use std::env;
@@ -38,8 +43,8 @@ use bootconfig::{BootBackend, SlotLayout};
 /// GnuPG (payload signatures made and checked by gpg), mkfs.ext4, the
 /// Prometheus reference parser (the metrics test reads tandem's metrics
 /// with it), openssl and curl (the cluster tests' certificates and the API
-/// server's readiness), mkfs.erofs.
-pub(crate) const PACKAGES: [&str; 14] = [
+/// server's readiness), mkfs.erofs, man.
+pub(crate) const PACKAGES: [&str; 15] = [
     "gdisk",
     "cgpt",
     "systemd-boot",
@@ -58,6 +63,8 @@ pub(crate) const PACKAGES: [&str; 14] = [
     // mkfs.erofs makes the lz4hc erofs images the erofs reader and the
     // erofs operation are tested on.
     "erofs-utils",
+    // `man` reads the generated manuals in the install test.
+    "man-db",
 ];
 
 fn main() -> std::process::ExitCode {
@@ -71,8 +78,10 @@ fn main() -> std::process::ExitCode {
         "cluster-build" => cluster::build_task(),
         "fleet-bench" => cluster::fleet_bench(),
         "bench" => run_bench(),
+        "man" => install::man_task(&env::args().skip(2).collect::<Vec<_>>()),
+        "install" => install::install_task(&env::args().skip(2).collect::<Vec<_>>()),
         _ => Err(anyhow::anyhow!(
-            "unknown task {task:?}; usage: cargo xtask test | vm-test | cluster-build | fleet-bench | lint | demo | demo-disk | bench"
+            "unknown task {task:?}; usage: cargo xtask test | vm-test | cluster-build | fleet-bench | lint | demo | demo-disk | bench | man | install"
         )),
     };
     match result {
@@ -149,6 +158,13 @@ pub(crate) fn ensure_packages(packages: &[&str]) -> Result<()> {
 }
 
 /// The repository root (xtask lives one level below it).
+/// The workspace's target folder (`CARGO_TARGET_DIR`, else `target/`).
+pub(crate) fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
