@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use payload::SigningKey;
 use serde_json::Value;
 
-use common::{in_days, payload_bytes_served, releases, Node, MIB};
+use common::{in_days, payload_bytes_served, releases, schema_errors, Node, MIB};
 use tandem_testkit::http::{Fault, HttpServer};
 
 #[test]
@@ -45,6 +45,41 @@ fn updatectl_apply_stages_slot_b_from_the_delta() {
     // Asking again is a no-op: the version is staged already.
     let again = node.ctl_ok(&["apply"]);
     assert!(again.contains("2.0.0 staged in slot B"), "{again}");
+}
+
+/// The schema check is real: the staged node's own status passes (in
+/// `Node::status`, as every status the tests read does), and documents that
+/// drift from it one way or another do not.
+#[test]
+fn the_status_schema_takes_real_status_and_refuses_drift() {
+    let rel = releases();
+    rel.publish(1, vec![rel.release("2.0.0", true)], in_days(7), None);
+    let server = HttpServer::serve(&rel.www);
+    let mut node = Node::new(&server, &rel);
+    node.start();
+    node.ctl_ok(&["apply"]);
+    let s = node.status();
+    assert_eq!(s["state"], "updated-need-reboot");
+    assert_eq!(s["staged"]["version"], "2.0.0");
+    assert!(s["last_result"]["ok"].as_bool().unwrap());
+
+    let drifted = |change: &dyn Fn(&mut serde_json::Value)| {
+        let mut d = s.clone();
+        change(&mut d);
+        schema_errors(&d).expect_err("the drifted document should be refused")
+    };
+    let e = drifted(&|d| d["new_field"] = true.into());
+    assert!(e.contains("new_field"), "{e}");
+    let e = drifted(&|d| {
+        d.as_object_mut().unwrap().remove("health");
+    });
+    assert!(e.contains("health"), "{e}");
+    let e = drifted(&|d| d["state"] = "sleeping".into());
+    assert!(e.starts_with("/state:"), "{e}");
+    let e = drifted(&|d| d["staged"]["slot"] = "C".into());
+    assert!(e.starts_with("/staged/slot:"), "{e}");
+    let e = drifted(&|d| d["format_version"] = 2.into());
+    assert!(e.starts_with("/format_version:"), "{e}");
 }
 
 #[test]

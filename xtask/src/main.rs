@@ -44,7 +44,7 @@ use bootconfig::{BootBackend, SlotLayout};
 /// Prometheus reference parser (the metrics test reads tandem's metrics
 /// with it), openssl and curl (the cluster tests' certificates and the API
 /// server's readiness), mkfs.erofs, man.
-pub(crate) const PACKAGES: [&str; 15] = [
+pub(crate) const PACKAGES: [&str; 16] = [
     "gdisk",
     "cgpt",
     "systemd-boot",
@@ -65,6 +65,9 @@ pub(crate) const PACKAGES: [&str; 15] = [
     "erofs-utils",
     // `man` reads the generated manuals in the install test.
     "man-db",
+    // The status document is checked against its JSON Schema by an
+    // independent validator.
+    "python3-jsonschema",
 ];
 
 fn main() -> std::process::ExitCode {

@@ -25,6 +25,54 @@ use tandem_testkit::{image_pair, DiskImage, TempDir};
 
 pub const MIB: usize = 1 << 20;
 
+/// The status document's schema, as shipped.
+pub const STATUS_SCHEMA: &str = include_str!("../../status.schema.json");
+
+/// Checks a document against [`STATUS_SCHEMA`] with an independent
+/// validator: python3-jsonschema (Draft 2020-12), which also checks the
+/// schema itself. `Err` lists each error with its JSON path.
+pub fn schema_errors(doc: &Value) -> Result<(), String> {
+    const SCRIPT: &str = r#"
+import json, sys
+from jsonschema import Draft202012Validator
+d = json.load(sys.stdin)
+Draft202012Validator.check_schema(d["schema"])
+errors = list(Draft202012Validator(d["schema"]).iter_errors(d["doc"]))
+for e in errors:
+    # A nullable field's error is an anyOf: show the deepest error of its
+    # branches (the one in the object, not "is not null").
+    while e.context:
+        e = max(e.context, key=lambda c: len(c.absolute_path))
+    print("/" + "/".join(map(str, e.absolute_path)) + ": " + e.message)
+sys.exit(1 if errors else 0)
+"#;
+    let schema: Value = serde_json::from_str(STATUS_SCHEMA).unwrap();
+    let input = serde_json::json!({ "schema": schema, "doc": doc }).to_string();
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs (Debian package python3-jsonschema)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    match out.status.code() {
+        Some(0) => Ok(()),
+        Some(1) => Err(String::from_utf8_lossy(&out.stdout).into_owned()),
+        _ => panic!(
+            "the schema check could not run: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
 /// A workspace binary. Cargo names the updater's own for its tests; the
 /// tests of other crates that share these fixtures (cluster-tests) find
 /// them beside their own executable, in the target folder.
@@ -375,8 +423,14 @@ textfile = "{metrics}"
         String::from_utf8(out.stderr).unwrap()
     }
 
+    /// The status document, checked against `updater/status.schema.json`.
     pub fn status(&self) -> Value {
-        serde_json::from_str(&self.ctl_ok(&["status", "--json"])).unwrap()
+        let text = self.ctl_ok(&["status", "--json"]);
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        if let Err(errors) = schema_errors(&doc) {
+            panic!("the status document does not match its schema:\n{errors}\n{text}");
+        }
+        doc
     }
 
     pub fn history_kinds(&self) -> Vec<String> {
@@ -396,6 +450,9 @@ textfile = "{metrics}"
             if out.status.success() {
                 let s: Value = serde_json::from_slice(&out.stdout).unwrap();
                 if done(&s) {
+                    if let Err(errors) = schema_errors(&s) {
+                        panic!("the status document does not match its schema:\n{errors}\n{s:#}");
+                    }
                     return s;
                 }
             }
