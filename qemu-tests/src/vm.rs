@@ -84,6 +84,10 @@ pub struct Report {
     pub cmdline: String,
     /// `dmsetup table usr`: the verity device of the ACL-layout images.
     pub verity: String,
+    /// `journalctl -b -o json SYSLOG_IDENTIFIER=tandemd`: tandemd's
+    /// events of this boot as the guest's journald stored them (an array;
+    /// empty when the line is missing).
+    pub journal: Value,
 }
 
 impl Report {
@@ -109,6 +113,17 @@ impl Report {
             Value::Array(list) => list.clone(),
             other => other["events"].as_array().cloned().unwrap_or_default(),
         }
+    }
+
+    /// tandemd's journal entries of an event kind (`TANDEM_EVENT`).
+    pub fn journal_events(&self, kind: &str) -> Vec<Value> {
+        self.journal
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["TANDEM_EVENT"] == kind)
+            .cloned()
+            .collect()
     }
 
     /// The slot's BLS entry file name (`tandem-slot-b+1-0.conf`).
@@ -185,6 +200,7 @@ pub fn parse_reports(console: &str) -> Vec<Report> {
                 .unwrap_or_default()
         };
         let (cmdline, verity) = (line_after("TANDEM-CMDLINE "), line_after("TANDEM-VERITY "));
+        let journal = json_after("TANDEM-JOURNAL ").unwrap_or_else(|| Value::Array(Vec::new()));
         let (Some(status), Some(history)) =
             (json_after("TANDEM-STATUS "), json_after("TANDEM-HISTORY "))
         else {
@@ -204,6 +220,7 @@ pub fn parse_reports(console: &str) -> Vec<Report> {
             entries,
             cmdline,
             verity,
+            journal,
         });
     }
     reports

@@ -64,6 +64,20 @@ fn update_boots_the_new_slot_and_blesses_it() {
     for kind in ["staged", "reboot", "health-passed"] {
         assert!(kinds.iter().any(|k| k == kind), "{kind} in {kinds:?}");
     }
+    // The guest's journald stored tandemd's events natively: structured
+    // fields, the MESSAGE_ID of the kind, the unit attached by journald.
+    for (kind, id) in [
+        ("booted", "a3f7c7d418684d32ac0b41f2cdbb9ec3"),
+        ("health-passed", "3ee56cf7f45c410cb62ecad8810adf15"),
+    ] {
+        let entries = after.journal_events(kind);
+        assert_eq!(entries.len(), 1, "{kind} in {:#}", after.journal);
+        let e = &entries[0];
+        assert_eq!(e["MESSAGE_ID"], id, "{e:#}");
+        assert_eq!(e["TANDEM_VERSION"], "2.0.0", "{e:#}");
+        assert_eq!(e["PRIORITY"], "6", "{e:#}");
+        assert_eq!(e["_SYSTEMD_UNIT"], "tandemd.service", "{e:#}");
+    }
     // The kernel really came from slot B's partition (vda3).
     let last = run.boots.last().unwrap();
     assert_eq!(

@@ -191,5 +191,21 @@ pub mod tandemd {
         /// Connect to the session bus instead of the system bus.
         #[arg(long)]
         pub session: bool,
+        /// Where logs go: `journal` (the native protocol, structured
+        /// fields and MESSAGE_IDs), `stderr`, or `auto`: the journal when
+        /// systemd connected stderr to it (JOURNAL_STREAM) and its socket
+        /// exists.
+        #[arg(long, value_enum, default_value_t = LogTarget::Auto)]
+        pub log: LogTarget,
+        /// The journal's native socket.
+        #[arg(long, default_value = crate::log::JOURNAL_SOCKET, value_name = "PATH")]
+        pub journal_socket: PathBuf,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+    pub enum LogTarget {
+        Auto,
+        Journal,
+        Stderr,
     }
 }

@@ -335,7 +335,15 @@ impl Engine {
         output: Option<String>,
         collapse: bool,
     ) {
-        tracing::info!("{kind}: {message}");
+        // Structured for the journal (`crate::log`): the kind selects the
+        // MESSAGE_ID.
+        let v = version.unwrap_or("");
+        match kind {
+            "failed" | "health-failed" | "rollback" | "refused" | "marked-bad" => {
+                tracing::warn!(tandem_event = kind, tandem_version = v, "{kind}: {message}")
+            }
+            _ => tracing::info!(tandem_event = kind, tandem_version = v, "{kind}: {message}"),
+        }
         let event = HistoryEvent {
             time: now_text(),
             kind: kind.to_owned(),

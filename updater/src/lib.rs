@@ -11,6 +11,7 @@
 //!   and after the reboot the boot assessment, rollback and reboots.
 //! - [`health`]: the health checks (units, `health.d`, HTTP probes).
 //! - [`reboot`]: reboot strategies (windows, fleetlock) and actions.
+//! - [`log`]: the journal's native protocol, MESSAGE_IDs; stderr otherwise.
 //! - [`metrics`]: Prometheus text-format metrics.
 //! - [`notify`]: readiness and status for systemd.
 //! - [`slotctl`]: the daemon-free slot view behind `updatectl slots`.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod engine;
 pub mod fetch;
 pub mod health;
+pub mod log;
 pub mod machine;
 pub mod metrics;
 pub mod notify;

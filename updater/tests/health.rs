@@ -512,3 +512,133 @@ for family in text_string_to_metric_families(sys.stdin.read()):
         .ctl_ok(&["metrics"])
         .contains("tandem_updates_staged_total 1"));
 }
+
+/// The journal's native socket, played by the test: a datagram socket
+/// bound in the node's folder and read all along by a thread, as journald
+/// does. Each datagram is parsed by the protocol's rules (`KEY=value\n`,
+/// or `KEY\n`, a u64 LE length, the value, `\n`).
+struct JournalSocket {
+    path: std::path::PathBuf,
+    entries: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl JournalSocket {
+    fn bind(path: std::path::PathBuf) -> JournalSocket {
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let entries = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = entries.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 17];
+            while let Ok(n) = socket.recv(&mut buf) {
+                sink.lock().unwrap().push(buf[..n].to_vec());
+            }
+        });
+        JournalSocket { path, entries }
+    }
+
+    fn entries(&self) -> Vec<std::collections::BTreeMap<String, String>> {
+        let raw = self.entries.lock().unwrap();
+        raw.iter().map(|d| parse_entry(d)).collect()
+    }
+}
+
+fn parse_entry(mut d: &[u8]) -> std::collections::BTreeMap<String, String> {
+    let mut fields = std::collections::BTreeMap::new();
+    while !d.is_empty() {
+        let end = d.iter().position(|&b| b == b'\n' || b == b'=').unwrap();
+        let key = String::from_utf8(d[..end].to_vec()).unwrap();
+        assert!(
+            key.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'),
+            "{key:?}"
+        );
+        let value;
+        if d[end] == b'=' {
+            let stop = end + 1 + d[end + 1..].iter().position(|&b| b == b'\n').unwrap();
+            value = d[end + 1..stop].to_vec();
+            d = &d[stop + 1..];
+        } else {
+            let len = u64::from_le_bytes(d[end + 1..end + 9].try_into().unwrap()) as usize;
+            value = d[end + 9..end + 9 + len].to_vec();
+            assert_eq!(d[end + 9 + len], b'\n');
+            d = &d[end + 10 + len..];
+        }
+        fields.insert(key, String::from_utf8(value).unwrap());
+    }
+    fields
+}
+
+#[test]
+fn events_reach_the_journal_with_their_fields_and_message_ids() {
+    let rel = releases();
+    let server = HttpServer::serve(&rel.www);
+    rel.publish(1, vec![rel.release("2.0.0", false)], in_days(7), None);
+    let mut node = Node::new(&server, &rel);
+    let journal = JournalSocket::bind(node.dir.path().join("journal.socket"));
+    node.daemon_args = vec![
+        "--log".into(),
+        "journal".into(),
+        "--journal-socket".into(),
+        journal.path.display().to_string(),
+    ];
+    node.start();
+    node.wait_health();
+    node.ctl_ok(&["apply"]);
+    node.health_script("50-kubelet", "echo 'no CNI'\nexit 3");
+    assert_eq!(node.reboot(["1.0.0", "2.0.0"]), "B");
+    assert_eq!(node.wait_health()["health"], "failed");
+    wait_until("the rollback's reboot", &node, || {
+        !node.reboots().is_empty()
+    });
+
+    let entries = journal.entries();
+    let of = |kind: &str| {
+        entries
+            .iter()
+            .find(|e| e.get("TANDEM_EVENT").map(String::as_str) == Some(kind))
+            .unwrap_or_else(|| panic!("no {kind} entry in {entries:#?}"))
+    };
+    for (kind, id, priority) in [
+        ("staged", "5f94039085d54334b914f31348890608", "6"),
+        ("booted", "a3f7c7d418684d32ac0b41f2cdbb9ec3", "6"),
+        ("health-failed", "e4c4c6043fcf48db991e6d871a1610ec", "4"),
+        ("rollback", "dd2ae058008b491788b05f422c195433", "4"),
+        ("reboot", "e4218dcf4e204cdea10b0cd7f3ed2a1c", "6"),
+    ] {
+        let e = of(kind);
+        assert_eq!(e["MESSAGE_ID"], id, "{e:#?}");
+        assert_eq!(e["PRIORITY"], priority, "{e:#?}");
+        assert_eq!(e["SYSLOG_IDENTIFIER"], "tandemd");
+        assert_eq!(e["TANDEM_VERSION"], "2.0.0", "{e:#?}");
+        assert!(e["MESSAGE"].starts_with(&format!("{kind}: ")), "{e:#?}");
+        assert!(e["CODE_FILE"].ends_with(".rs"), "{e:#?}");
+    }
+    assert!(of("health-failed")["MESSAGE"].contains("50-kubelet"));
+    // Nothing went to stderr: every line reached the journal.
+    let stderr = node.log_text();
+    assert!(!stderr.contains("health-failed"), "{stderr}");
+}
+
+/// A journal that stalls (its queue full: nobody reads the socket) does
+/// not stall the daemon; what it cannot take goes to stderr.
+#[test]
+fn a_journal_that_stalls_does_not_stall_the_daemon() {
+    let rel = releases();
+    let server = HttpServer::serve(&rel.www);
+    rel.publish(1, vec![rel.release("2.0.0", false)], in_days(7), None);
+    let mut node = Node::new(&server, &rel);
+    let path = node.dir.path().join("stalled.socket");
+    let _never_read = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    node.daemon_args = vec![
+        "--log".into(),
+        "journal".into(),
+        "--journal-socket".into(),
+        path.display().to_string(),
+    ];
+    node.start();
+    let out = node.ctl_ok(&["apply"]);
+    assert!(out.contains("2.0.0 staged in slot B"), "{out}");
+    let stderr = node.log_text();
+    assert!(stderr.contains("staged: "), "{stderr}");
+    assert!(stderr.contains("the journal refused it"), "{stderr}");
+}

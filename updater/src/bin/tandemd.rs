@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tokio::sync::watch;
 use updater::api::{Status, UpdateRequest, Wanted};
-use updater::cli::tandemd::Args;
+use updater::cli::tandemd::{Args, LogTarget};
 use updater::config::{self, AutoMode};
 use updater::engine::{Engine, EngineError};
 use updater::health::UnitProbe;
@@ -648,13 +648,39 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
+/// The journal's native protocol, or plain lines on stderr (see `--log`).
+fn init_logging(args: &Args) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use updater::log::{JournalLayer, Target};
+    let target = match args.log {
+        LogTarget::Journal => Target::Journal(args.journal_socket.clone()),
+        LogTarget::Stderr => Target::Stderr,
+        LogTarget::Auto => updater::log::choose(
+            std::env::var_os("JOURNAL_STREAM").is_some(),
+            &args.journal_socket,
+            args.journal_socket.exists(),
+        ),
+    };
+    if let Target::Journal(path) = &target {
+        match JournalLayer::new(path) {
+            Ok(layer) => {
+                tracing_subscriber::registry().with(layer).init();
+                return;
+            }
+            Err(e) => eprintln!("tandemd: cannot log to the journal, logging to stderr: {e}"),
+        }
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(false)
         .init();
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(&args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

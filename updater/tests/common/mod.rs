@@ -232,6 +232,8 @@ pub struct Node {
     pub bus: DbusDaemon,
     pub daemon: Option<Child>,
     pub log: PathBuf,
+    /// More arguments for `tandemd` (e.g. `--log journal`).
+    pub daemon_args: Vec<String>,
     boots: u32,
 }
 
@@ -324,6 +326,7 @@ textfile = "{metrics}"
             bus,
             daemon: None,
             log,
+            daemon_args: Vec::new(),
             boots: 0,
         };
         fs::write(node.dir.path().join("boot_id"), "boot-0\n").unwrap();
@@ -362,6 +365,7 @@ textfile = "{metrics}"
         let child = Command::new(bin("tandemd"))
             .arg("--root")
             .arg(&self.root)
+            .args(&self.daemon_args)
             .env("DBUS_SYSTEM_BUS_ADDRESS", self.bus.address())
             .env_remove("NOTIFY_SOCKET")
             .stdout(Stdio::null())
