@@ -69,6 +69,10 @@ impl HttpServer {
         format!("http://127.0.0.1:{}/{path}", self.port)
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Queues a fault for the next requests of `path` (file name).
     pub fn fault(&self, path: &str, fault: Fault) {
         self.shared

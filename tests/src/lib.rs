@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub mod dbus;
 pub mod fleetlock;
 pub mod http;
+pub mod tls;
 
 /// The Flatcar `/usr` partition type.
 pub const USR_TYPE: &str = "5DFBF5F4-2848-4BAC-AA5E-0D9A20B745A6";

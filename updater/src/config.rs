@@ -71,6 +71,9 @@ pub struct Server {
     pub mirrors: Vec<String>,
     /// Proxy URL; unset means the usual environment variables.
     pub proxy: Option<String>,
+    /// PEM file of CA certificates trusted for `https://` besides the
+    /// system's store (a private update server).
+    pub ca_file: Option<PathBuf>,
     /// The channel the index must say it is for (`stable`, `beta`, ...);
     /// unset accepts the index's own.
     pub channel: Option<String>,

@@ -505,6 +505,7 @@ impl Engine {
             backoff_initial: Duration::from_millis(d.backoff_initial_ms),
             backoff_max: Duration::from_secs(d.backoff_max_seconds),
             proxy: self.config.server.proxy.clone(),
+            ca_file: self.config.server.ca_file.clone(),
         };
         Ok(Fetcher::new(policy, self.cancel.clone())?)
     }

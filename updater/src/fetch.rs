@@ -1,5 +1,5 @@
 //! Downloads: `https://` and `http://` through reqwest (rustls, the system's
-//! CA store, proxies from the environment or the configuration) and
+//! CA store and `server.ca_file`, proxies from the environment or the configuration) and
 //! `file://`. A payload is never stored: [`RangeReader`] hands its bytes
 //! straight to the applier and, when a connection drops, stalls or a server
 //! fails, asks again for the rest with `Range: bytes=N-`, trying the mirrors
@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,9 @@ pub struct FetchPolicy {
     pub backoff_max: Duration,
     /// `None`: the `https_proxy`/`http_proxy`/`no_proxy` environment.
     pub proxy: Option<String>,
+    /// PEM certificates trusted for `https://`, besides the system's store
+    /// (a private update server's CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for FetchPolicy {
@@ -41,6 +45,7 @@ impl Default for FetchPolicy {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             proxy: None,
+            ca_file: None,
         }
     }
 }
@@ -78,6 +83,20 @@ pub struct Fetcher {
     cancel: Arc<AtomicBool>,
 }
 
+/// The certificates of a PEM file; an unreadable file, or one without a
+/// certificate, is an error (a node must not fall back to trusting less
+/// than it was told, or silently to the system store alone).
+fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, FetchError> {
+    let bad =
+        |message: String| FetchError::Client(format!("CA file {}: {message}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    Ok(certs)
+}
+
 /// Parses a URL, or an absolute path as a `file://` URL.
 pub fn parse_url(text: &str) -> Result<Url, FetchError> {
     if text.starts_with('/') {
@@ -99,6 +118,11 @@ impl Fetcher {
             .connect_timeout(policy.connect_timeout)
             .timeout(policy.read_timeout)
             .user_agent(concat!("tandemd/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &policy.ca_file {
+            for cert in read_ca_file(path)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
         if let Some(proxy) = &policy.proxy {
             let proxy = reqwest::Proxy::all(proxy)
                 .map_err(|e| FetchError::Client(format!("proxy {proxy}: {e}")))?;

@@ -44,7 +44,7 @@ use bootconfig::{BootBackend, SlotLayout};
 /// Prometheus reference parser (the metrics test reads tandem's metrics
 /// with it), openssl and curl (the cluster tests' certificates and the API
 /// server's readiness), mkfs.erofs, man.
-pub(crate) const PACKAGES: [&str; 16] = [
+pub(crate) const PACKAGES: [&str; 17] = [
     "gdisk",
     "cgpt",
     "systemd-boot",
@@ -68,6 +68,8 @@ pub(crate) const PACKAGES: [&str; 16] = [
     // The status document is checked against its JSON Schema by an
     // independent validator.
     "python3-jsonschema",
+    // socat terminates TLS in front of the test HTTP server (HTTPS tests).
+    "socat",
 ];
 
 fn main() -> std::process::ExitCode {
