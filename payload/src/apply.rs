@@ -532,6 +532,7 @@ pub fn apply<R: PayloadReader>(
                         Done::Op(run_job(&slots[job.slot], job).map(|bytes| (index, bytes)))
                     }
                     Ok(Work::Hash { slot, segment }) => {
+                        crate::failpoint::hit("apply-readback");
                         let s = &slots[slot];
                         let mut buf = vec![0u8; 1 << 20];
                         let result =
@@ -552,6 +553,7 @@ pub fn apply<R: PayloadReader>(
         drop(done_tx);
 
         for (index, &(slot, op, blob_offset)) in ops.iter().enumerate().skip(start_op) {
+            crate::failpoint::hit("apply-op");
             while let Ok(r) = done_rx.try_recv() {
                 tally.absorb(r, &op_list);
             }
@@ -576,6 +578,7 @@ pub fn apply<R: PayloadReader>(
                         tally.failure = Some(e);
                         break;
                     }
+                    crate::failpoint::hit("apply-checkpoint");
                 }
                 last_checkpoint_bytes = tally.done_bytes;
             }
@@ -727,6 +730,7 @@ pub fn apply<R: PayloadReader>(
             let hash = match hash {
                 Some(h) => h,
                 None => {
+                    crate::failpoint::hit("apply-readback");
                     hash_segment(&slot.target, slot.image.size, segment as u64, &mut buf).map_err(
                         io_err(format!("reading back {}", slot.target_path.display())),
                     )?
@@ -747,6 +751,7 @@ pub fn apply<R: PayloadReader>(
             });
         }
     }
+    crate::failpoint::hit("apply-verified");
     // Files (a UKI, an addon) were written padded to whole blocks and
     // verified so; now cut back to their signed length.
     for slot in &slots {

@@ -15,6 +15,7 @@
 //! - [`digest`]: segmented SHA-256 of images, on every core.
 //! - [`index`]: the signed release index and the choice of release.
 //! - [`region`]: a slot's byte range inside a disk, for bounded I/O.
+//! - [`failpoint`]: crash points for the crash-sweep tests (`TANDEM_FAILPOINT`).
 //! - [`files`]: file length and atomic replacement.
 //! - [`summary`]: operation counts and bytes, for `inspect` and benchmarks.
 //! - [`verity`]: dm-verity hash trees: superblock, layout, verify, format.
@@ -25,6 +26,7 @@ pub mod container;
 pub mod digest;
 pub mod erofs;
 mod erofs_delta;
+pub mod failpoint;
 pub mod files;
 pub mod format;
 pub mod index;

@@ -246,6 +246,9 @@ pub struct ApplyArgs {
     /// Record progress here, and resume from it if it exists.
     #[arg(long, value_name = "FILE")]
     pub checkpoint: Option<PathBuf>,
+    /// With --checkpoint: store it every this many MiB written.
+    #[arg(long, value_name = "MIB", default_value_t = 64, requires = "checkpoint", value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_mib: u64,
     /// Stop (at a checkpoint) once this many target bytes are written; for
     /// testing interruption and resume.
     #[arg(long, value_name = "BYTES", requires = "checkpoint")]

@@ -543,6 +543,7 @@ fn apply(args: &ApplyArgs) -> Result<()> {
     }
     let mut opts = ApplyOptions {
         checkpoint: args.checkpoint.clone(),
+        checkpoint_every: args.checkpoint_mib << 20,
         ..ApplyOptions::default()
     };
     if let Some(t) = args.threads {

@@ -93,6 +93,21 @@ pub struct Job {
     /// Stage only: written and verified, not set to boot next.
     #[serde(default)]
     pub stage_only: bool,
+    /// Set once the payload is written and read back whole, before the
+    /// boot files and the flip: a daemon restarted after that reads the
+    /// slot back against it instead of downloading the payload again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written: Option<WrittenSlot>,
+}
+
+/// What a finished apply left in the slot (see [`Job::written`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrittenSlot {
+    pub version: String,
+    /// The slot's image: its size and segmented SHA-256.
+    pub image: ImageRef,
+    pub downloaded_bytes: u64,
+    pub resumed_requests: u64,
 }
 
 /// An update written and verified (stage), then set to boot next

@@ -18,7 +18,7 @@ use super::{lock, now_text, verity, Engine, EngineError, Ticket};
 use crate::api::{Progress, UpdateOutcome, UpdateRequest, Wanted};
 use crate::fetch::{Fetcher, RangeReader};
 use crate::machine::{Event, UpdateState};
-use crate::state::{Job, PayloadKind, PayloadSource, Staged};
+use crate::state::{Job, PayloadKind, PayloadSource, Staged, WrittenSlot};
 use crate::{fetch, slotctl};
 
 /// Where the slots are, read once at the start of an update.
@@ -184,6 +184,7 @@ impl Engine {
             allow_downgrade: request.allow_downgrade,
             started: now_text(),
             stage_only: request.stage_only,
+            written: None,
         };
         self.update(|p| {
             p.job = Some(job.clone());
@@ -231,6 +232,39 @@ impl Engine {
                 job.slot
             )));
         }
+        if let Some(w) = job.written.take() {
+            // Written and verified before a restart: read back once more,
+            // and if the slot still holds it, on to the flip.
+            let slot = &layout.slots[job.slot.index()];
+            let found = super::boot::read_back(&layout.disk, slot, w.image.size)?;
+            if found == w.image.digest.sha256 {
+                tracing::info!(
+                    "slot {} holds {} as written and verified before the restart (read back again)",
+                    job.slot,
+                    w.version
+                );
+                let source = job.candidates.get(job.current).cloned().ok_or_else(|| {
+                    EngineError::System("the recorded update has no payload".into())
+                })?;
+                if lock(&self.persisted).state == UpdateState::Downloading {
+                    self.advance(Event::Written)?;
+                }
+                return self.finish(
+                    &job,
+                    &source,
+                    (w.version, Some(w.image), vec!["usr".into()]),
+                    w.downloaded_bytes,
+                    w.resumed_requests,
+                );
+            }
+            tracing::warn!(
+                "slot {} no longer holds the {} written before the restart (SHA-256 {found}); applying again",
+                job.slot,
+                w.version
+            );
+            let again = job.clone();
+            self.update(|p| p.job = Some(again))?;
+        }
         let booted_version = self.booted_version()?;
         let keyring = self.keyring()?;
         let fetcher = self.fetcher()?;
@@ -240,7 +274,21 @@ impl Engine {
             };
             match self.apply_one(&job, &source, &layout, &keyring, &fetcher, &booted_version) {
                 Ok((written, downloaded, resumed)) => {
-                    return self.finish(&job, &source, written, downloaded, resumed)
+                    // Only a payload of the one `usr` image is recorded: the
+                    // read-back after a restart covers that image alone.
+                    if let (Some(image), [only]) = (&written.1, written.2.as_slice()) {
+                        if only == "usr" {
+                            let mut done = job.clone();
+                            done.written = Some(WrittenSlot {
+                                version: written.0.clone(),
+                                image: image.clone(),
+                                downloaded_bytes: downloaded,
+                                resumed_requests: resumed,
+                            });
+                            self.update(|p| p.job = Some(done))?;
+                        }
+                    }
+                    return self.finish(&job, &source, written, downloaded, resumed);
                 }
                 Err(EngineError::Apply(e)) if job.current + 1 < job.candidates.len() => {
                     // A delta this node cannot use, found before writing:
@@ -479,10 +527,12 @@ impl Engine {
                 );
             }
             if finalized {
+                payload::failpoint::hit("before-flip");
                 let notes = o.backend.set_next(job.slot, 1).map_err(|e| {
                     EngineError::Slots(format!("setting slot {} next: {e}", job.slot))
                 })?;
                 notes.iter().for_each(|n| tracing::warn!("{n}"));
+                payload::failpoint::hit("after-flip");
             }
         }
         let staged = Staged {

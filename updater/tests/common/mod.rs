@@ -234,6 +234,8 @@ pub struct Node {
     pub log: PathBuf,
     /// More arguments for `tandemd` (e.g. `--log journal`).
     pub daemon_args: Vec<String>,
+    /// More environment for `tandemd` (e.g. `TANDEM_FAILPOINT`).
+    pub daemon_env: Vec<(String, String)>,
     boots: u32,
 }
 
@@ -327,6 +329,7 @@ textfile = "{metrics}"
             daemon: None,
             log,
             daemon_args: Vec::new(),
+            daemon_env: Vec::new(),
             boots: 0,
         };
         fs::write(node.dir.path().join("boot_id"), "boot-0\n").unwrap();
@@ -366,6 +369,8 @@ textfile = "{metrics}"
             .arg("--root")
             .arg(&self.root)
             .args(&self.daemon_args)
+            .env_remove("TANDEM_FAILPOINT")
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .env("DBUS_SYSTEM_BUS_ADDRESS", self.bus.address())
             .env_remove("NOTIFY_SOCKET")
             .stdout(Stdio::null())
