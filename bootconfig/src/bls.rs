@@ -239,19 +239,40 @@ pub fn boot_order(entries: &[BlsEntry]) -> Vec<&BlsEntry> {
 }
 
 /// A glob as systemd-boot's `default` pattern takes it (`*`, `?`,
-/// case-insensitive). Pure.
+/// case-insensitive). Pure. Iterative, going back only to the last `*`:
+/// at most pattern x text steps, whatever the pattern (a recursive match
+/// takes exponential time on `*a*a*a...`; the fuzz target `bls` found it).
 fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    match (pattern.split_first(), text.split_first()) {
-        (None, None) => true,
-        (Some((b'*', rest)), _) => {
-            glob_match(rest, text) || (!text.is_empty() && glob_match(pattern, &text[1..]))
+    let (mut p, mut t) = (0usize, 0usize);
+    // Where the last `*` was, and the text it has taken up to.
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(b'?') => {
+                p += 1;
+                t += 1;
+            }
+            Some(c) if c.eq_ignore_ascii_case(&text[t]) => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                // The last `*` takes one more byte, and the rest is tried
+                // again from there.
+                Some((sp, st)) => {
+                    star = Some((sp, st + 1));
+                    p = sp + 1;
+                    t = st + 1;
+                }
+                None => return false,
+            },
         }
-        (Some((b'?', rest)), Some((_, text_rest))) => glob_match(rest, text_rest),
-        (Some((p, rest)), Some((t, text_rest))) => {
-            p.eq_ignore_ascii_case(t) && glob_match(rest, text_rest)
-        }
-        _ => false,
     }
+    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 /// The entry systemd-boot boots without a menu choice or EFI variables:
@@ -553,6 +574,50 @@ mod tests {
             .collect();
         assert_eq!(booted, ["tandem-b", "tandem-b", "tandem-a", "tandem-a"]);
         assert_eq!(entries[1].file_name, "tandem-b+0-2.conf");
+    }
+
+    #[test]
+    fn globs_match_like_a_recursive_matcher_and_in_bounded_time() {
+        // The recursive definition, as the oracle on small inputs.
+        fn oracle(p: &[u8], t: &[u8]) -> bool {
+            match (p.split_first(), t.split_first()) {
+                (None, None) => true,
+                (Some((b'*', rest)), _) => oracle(rest, t) || (!t.is_empty() && oracle(p, &t[1..])),
+                (Some((b'?', rest)), Some((_, tr))) => oracle(rest, tr),
+                (Some((a, rest)), Some((b, tr))) => a.eq_ignore_ascii_case(b) && oracle(rest, tr),
+                _ => false,
+            }
+        }
+        let alphabet = [b'a', b'B', b'*', b'?', b'b'];
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        for _ in 0..20_000 {
+            let p: Vec<u8> = (0..next() % 7).map(|_| alphabet[next() % 5]).collect();
+            let t: Vec<u8> = (0..next() % 7)
+                .map(|_| alphabet[next() % 2 + 3 * (next() % 2)])
+                .collect();
+            let t: Vec<u8> = t.into_iter().filter(|c| *c != b'*' && *c != b'?').collect();
+            assert_eq!(
+                glob_match(&p, &t),
+                oracle(&p, &t),
+                "{:?} {:?}",
+                String::from_utf8_lossy(&p),
+                String::from_utf8_lossy(&t)
+            );
+        }
+        assert!(glob_match(b"tandem-*", b"TANDEM-slot-b"));
+        assert!(!glob_match(b"tandem-?", b"tandem-"));
+        // What the fuzzer found: stars that the recursive matcher explores
+        // in exponential time. This returns at once.
+        let pattern = "*a".repeat(40) + "*b";
+        assert!(!glob_match(pattern.as_bytes(), "a".repeat(4000).as_bytes()));
+        let pattern = "*?".repeat(30) + "+1.conf";
+        assert!(!glob_match(pattern.as_bytes(), "*?".repeat(30).as_bytes()));
     }
 
     #[test]

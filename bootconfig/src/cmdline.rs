@@ -43,6 +43,15 @@ fn words(cmdline: &str) -> Vec<String> {
 pub fn partuuid_of(spec: &str) -> Option<Guid> {
     let (prefix, rest) = spec.split_at_checked(9)?;
     if prefix.eq_ignore_ascii_case("PARTUUID=") {
+        // A bug planted for the fuzzing harness's own test (feature
+        // `planted-bug`, never in a release build): it must find it.
+        #[cfg(feature = "planted-bug")]
+        {
+            let b = rest.as_bytes();
+            if b.first() == Some(&b'B') && b.get(1) == Some(&b'U') && b.get(2) == Some(&b'G') {
+                panic!("planted bug reached");
+            }
+        }
         return rest.parse().ok();
     }
     spec.strip_prefix("/dev/disk/by-partuuid/")?.parse().ok()

@@ -16,6 +16,9 @@
 //!   on a real Debian security update (see `bench.rs`).
 //! - `cargo xtask demo`: tandem's main job in a VM: an update to slot B
 //!   booted and kept, then an update whose health check fails, rolled back.
+//! - `cargo xtask fuzz [--seconds N] [TARGET...]`: every fuzz target
+//!   (cargo-fuzz, libFuzzer) for a bounded time, the saved crashes
+//!   replayed, and the planted bug found (`fuzz.rs`).
 //! - `cargo xtask man [--out DIR]`: the manuals and shell completions,
 //!   generated from the programs' clap definitions (default `target/man`).
 //! - `cargo xtask install [--prefix DIR]`: the release binaries, manuals
@@ -25,6 +28,7 @@
 
 mod bench;
 mod cluster;
+mod fuzz;
 mod install;
 mod vm;
 
@@ -83,10 +87,11 @@ fn main() -> std::process::ExitCode {
         "cluster-build" => cluster::build_task(),
         "fleet-bench" => cluster::fleet_bench(),
         "bench" => run_bench(),
+        "fuzz" => fuzz::fuzz_task(&env::args().skip(2).collect::<Vec<_>>()),
         "man" => install::man_task(&env::args().skip(2).collect::<Vec<_>>()),
         "install" => install::install_task(&env::args().skip(2).collect::<Vec<_>>()),
         _ => Err(anyhow::anyhow!(
-            "unknown task {task:?}; usage: cargo xtask test | vm-test | cluster-build | fleet-bench | lint | demo | demo-disk | bench | man | install"
+            "unknown task {task:?}; usage: cargo xtask test | vm-test | cluster-build | fleet-bench | lint | demo | demo-disk | bench | fuzz | man | install"
         )),
     };
     match result {
