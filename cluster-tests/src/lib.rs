@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use tandem_testkit::tls::openssl;
 use tandem_testkit::fleetlock::free_port;
 use tandem_testkit::TempDir;
 
@@ -60,19 +61,6 @@ pub struct ControlPlane {
     controllers: Option<Child>,
     port: u16,
     etcd_port: u16,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("cannot run openssl: install it (cargo xtask test does, as root)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn spawn(bin: &Path, name: &str, args: &[String], log: &Path) -> Child {

@@ -12,12 +12,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn openssl(dir: &Path, args: &[&str]) {
+/// Runs the `openssl` CLI in `dir`; panics with its error if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .current_dir(dir)
         .args(args)
         .output()
-        .expect("openssl runs (Debian package openssl)");
+        .expect("cannot run openssl: install it (cargo xtask test does, as root)");
     assert!(
         out.status.success(),
         "openssl {args:?}: {}",
