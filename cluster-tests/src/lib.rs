@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use tandem_testkit::tls::openssl;
 use tandem_testkit::fleetlock::free_port;
+use tandem_testkit::tls::openssl;
 use tandem_testkit::TempDir;
 
 /// Users of the static token file, each with its own kubeconfig.

@@ -104,8 +104,9 @@ pub struct Job {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WrittenSlot {
     pub version: String,
-    /// The slot's image: its size and segmented SHA-256.
-    pub image: ImageRef,
+    /// Each component written (`usr`, `verity`, `uki`, ...) and the image
+    /// the payload signed for it: size and segmented SHA-256.
+    pub components: Vec<(String, ImageRef)>,
     pub downloaded_bytes: u64,
     pub resumed_requests: u64,
 }

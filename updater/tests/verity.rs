@@ -275,6 +275,57 @@ fn an_acl_slot_is_updated_whole_by_a_delta_and_boots_its_uki_next() {
     let _ = parts.dir.path();
 }
 
+/// Killed after every component (usr, tree, UKI, addon) was written and
+/// read back, just before the flip: the restarted daemon reads each
+/// component back against the signed digests and goes on to the flip,
+/// without downloading the payload again.
+#[test]
+fn an_acl_update_killed_before_the_flip_reads_back_and_does_not_download_again() {
+    let rel = releases();
+    let server = HttpServer::serve(&rel.www);
+    let (mut node, parts) = acl_node(&rel, &server);
+    rel.publish(1, vec![rel.release("2.0.0", true)], in_days(7), None);
+    node.daemon_env = vec![("TANDEM_FAILPOINT".into(), "before-flip:1".into())];
+    node.start();
+    node.wait_health();
+    assert!(!node.ctl(&["apply"]).status.success());
+    let mut daemon = node.daemon.take().unwrap();
+    let status = daemon.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    let name = "delta-1.0.0-2.0.0.tpl";
+    let size = fs::metadata(rel.www.join(name)).unwrap().len();
+    assert_eq!(common::payload_bytes_served(&server, name), size);
+
+    node.daemon_env.clear();
+    node.start();
+    node.wait_for("staged", |s| s["state"] == "updated-need-reboot");
+    assert_eq!(node.slot_bytes(4, rel.v2.len()), rel.v2);
+    let tree = fs::read(&parts.hash[1]).unwrap();
+    assert_eq!(hash_partition(&node, 6, tree.len()), tree);
+    let linux = node.dir.path().join("esp/EFI/Linux");
+    assert_eq!(
+        fs::read(linux.join("tandem-slot-b+1.efi")).unwrap(),
+        fs::read(&parts.uki[1]).unwrap()
+    );
+    let s = node.status();
+    assert_eq!(s["next_boot"], "B", "{s}");
+    // Not one more byte of the payload: every component was read back.
+    assert_eq!(
+        common::payload_bytes_served(&server, name),
+        size,
+        "{}",
+        node.log_text()
+    );
+    let log = node.log_text();
+    assert!(
+        log.contains("usr, verity, uki, addon read back again"),
+        "{log}"
+    );
+}
+
 #[test]
 fn a_hash_tree_corrupted_after_staging_is_refused_at_finalize() {
     let rel = releases();

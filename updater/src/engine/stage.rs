@@ -233,37 +233,67 @@ impl Engine {
             )));
         }
         if let Some(w) = job.written.take() {
-            // Written and verified before a restart: read back once more,
-            // and if the slot still holds it, on to the flip.
-            let slot = &layout.slots[job.slot.index()];
-            let found = super::boot::read_back(&layout.disk, slot, w.image.size)?;
-            if found == w.image.digest.sha256 {
-                tracing::info!(
-                    "slot {} holds {} as written and verified before the restart (read back again)",
-                    job.slot,
-                    w.version
-                );
-                let source = job.candidates.get(job.current).cloned().ok_or_else(|| {
-                    EngineError::System("the recorded update has no payload".into())
-                })?;
-                if lock(&self.persisted).state == UpdateState::Downloading {
-                    self.advance(Event::Written)?;
-                }
-                return self.finish(
-                    &job,
-                    &source,
-                    (w.version, Some(w.image), vec!["usr".into()]),
-                    w.downloaded_bytes,
-                    w.resumed_requests,
-                );
-            }
-            tracing::warn!(
-                "slot {} no longer holds the {} written before the restart (SHA-256 {found}); applying again",
-                job.slot,
-                w.version
+            // Written and verified before a restart: every component is
+            // read back once more, and if the slot still holds them all,
+            // on to the flip.
+            let mut paths = verity::component_paths(
+                &layout.disk,
+                &layout.slots[job.slot.index()],
+                &layout.slots[job.slot.other().index()],
             );
-            let again = job.clone();
-            self.update(|p| p.job = Some(again))?;
+            paths.extend(self.esp_paths(job.slot)?);
+            // A UKI and addon already installed as the slot's entry were
+            // moved out of their staging files: read back where they are.
+            let installed = slotctl::open(&self.target(), false)
+                .ok()
+                .and_then(|o| o.backend.uki_files(job.slot))
+                .map(|(uki, addon)| {
+                    let mut v = vec![("uki".to_owned(), uki)];
+                    v.extend(addon.map(|a| ("addon".to_owned(), a)));
+                    v
+                })
+                .unwrap_or_default();
+            match read_back_components(&paths, &installed, &w.components) {
+                Ok(()) => {
+                    tracing::info!(
+                        "slot {} holds {} as written and verified before the restart ({} read back again)",
+                        job.slot,
+                        w.version,
+                        w.components
+                            .iter()
+                            .map(|(c, _)| c.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    let source = job.candidates.get(job.current).cloned().ok_or_else(|| {
+                        EngineError::System("the recorded update has no payload".into())
+                    })?;
+                    if lock(&self.persisted).state == UpdateState::Downloading {
+                        self.advance(Event::Written)?;
+                    }
+                    let usr = w
+                        .components
+                        .iter()
+                        .find(|(c, _)| c == "usr")
+                        .map(|(_, image)| image.clone());
+                    return self.finish(
+                        &job,
+                        &source,
+                        (w.version, usr, w.components),
+                        w.downloaded_bytes,
+                        w.resumed_requests,
+                    );
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        "slot {} no longer holds the {} written before the restart ({why}); applying again",
+                        job.slot,
+                        w.version
+                    );
+                    let again = job.clone();
+                    self.update(|p| p.job = Some(again))?;
+                }
+            }
         }
         let booted_version = self.booted_version()?;
         let keyring = self.keyring()?;
@@ -274,20 +304,17 @@ impl Engine {
             };
             match self.apply_one(&job, &source, &layout, &keyring, &fetcher, &booted_version) {
                 Ok((written, downloaded, resumed)) => {
-                    // Only a payload of the one `usr` image is recorded: the
-                    // read-back after a restart covers that image alone.
-                    if let (Some(image), [only]) = (&written.1, written.2.as_slice()) {
-                        if only == "usr" {
-                            let mut done = job.clone();
-                            done.written = Some(WrittenSlot {
-                                version: written.0.clone(),
-                                image: image.clone(),
-                                downloaded_bytes: downloaded,
-                                resumed_requests: resumed,
-                            });
-                            self.update(|p| p.job = Some(done))?;
-                        }
-                    }
+                    // Recorded before the boot files and the flip: a
+                    // restart from here reads the components back instead
+                    // of downloading the payload again.
+                    let mut done = job.clone();
+                    done.written = Some(WrittenSlot {
+                        version: written.0.clone(),
+                        components: written.2.clone(),
+                        downloaded_bytes: downloaded,
+                        resumed_requests: resumed,
+                    });
+                    self.update(|p| p.job = Some(done))?;
                     return self.finish(&job, &source, written, downloaded, resumed);
                 }
                 Err(EngineError::Apply(e)) if job.current + 1 < job.candidates.len() => {
@@ -362,7 +389,11 @@ impl Engine {
                     .iter()
                     .find(|c| c.name == "usr")
                     .map(|c| c.target.clone());
-                let names = m.components.iter().map(|c| c.name.clone()).collect();
+                let names = m
+                    .components
+                    .iter()
+                    .map(|c| (c.name.clone(), c.target.clone()))
+                    .collect();
                 *lock(&written_version) = Some((m.target_version.clone(), image, names));
                 // Only now, with every check passed, does the boot state
                 // change: a half-written slot must never boot.
@@ -440,13 +471,16 @@ impl Engine {
             // verified in the slot's staging files.
             let ukis = match o.backend.uki_staging(job.slot) {
                 Some((uki, addon)) => {
-                    if !components.iter().any(|c| c == "uki") {
+                    if !components.iter().any(|(c, _)| c == "uki") {
                         return Err(EngineError::Refused(format!(
                             "the payload for {version} has no UKI, and slot {} boots one (slots.boot_backend = \"uki\"); it is not set to boot",
                             job.slot
                         )));
                     }
-                    let addon = components.iter().any(|c| c == "addon").then_some(addon);
+                    let addon = components
+                        .iter()
+                        .any(|(c, _)| c == "addon")
+                        .then_some(addon);
                     Some((uki, addon))
                 }
                 None => None,
@@ -454,7 +488,7 @@ impl Engine {
             // gptprio on Flatcar's layout boots the payload's kernel,
             // written and verified in the slot's staging file.
             let kernel = match o.backend.kernel_staging(job.slot) {
-                Some(_) if !components.iter().any(|c| c == "kernel") => {
+                Some(_) if !components.iter().any(|(c, _)| c == "kernel") => {
                     return Err(EngineError::Refused(format!(
                         "the payload for {version} has no kernel, and slot {} boots its own from the ESP (flatcar/vmlinuz-a|b, slots.esp with gptprio); it is not set to boot",
                         job.slot
@@ -734,8 +768,102 @@ fn vet_manifest(
 
 /// What an apply wrote: the version and, for a one-component payload, the
 /// image (size and digest) that finalize reads back.
-/// What a payload wrote: its version, its `usr` image, its components.
-type Written = (String, Option<ImageRef>, Vec<String>);
+/// Reads each recorded component back from its place and compares it with
+/// the image the payload signed. A file component (a UKI) was cut to its
+/// signed length after it was verified padded with zeros to whole blocks:
+/// it is read padded again. `installed`: where a file component may be
+/// instead, once installed as the slot's entry (then copied back to its
+/// staging place). Every component is read back at its place last.
+fn read_back_components(
+    paths: &[ComponentPaths],
+    installed: &[(String, PathBuf)],
+    components: &[(String, ImageRef)],
+) -> Result<(), String> {
+    if components.is_empty() {
+        return Err("nothing was recorded".into());
+    }
+    for (name, image) in components {
+        let place = paths
+            .iter()
+            .find(|p| &p.component == name)
+            .ok_or_else(|| format!("component {name} has no place on this node"))?;
+        if digest_of(&place.target, place.target_range, image, name)? == image.digest.sha256 {
+            continue;
+        }
+        // Installing the entry moved the file out of its staging place:
+        // it is copied back, and the copy is read back too, so that the
+        // boot files are installed from the staging files as always.
+        let Some((_, from)) = installed.iter().find(|(n, from)| {
+            n == name && digest_of(from, None, image, name).is_ok_and(|d| d == image.digest.sha256)
+        }) else {
+            return Err(format!(
+                "component {name} is neither at {} nor installed as the payload signed it",
+                place.target.display()
+            ));
+        };
+        std::fs::copy(from, &place.target)
+            .and_then(|_| std::fs::File::open(&place.target)?.sync_all())
+            .map_err(|e| format!("copying {} back: {e}", from.display()))?;
+    }
+    for (name, image) in components {
+        let place = paths
+            .iter()
+            .find(|p| &p.component == name)
+            .ok_or_else(|| format!("component {name} has no place on this node"))?;
+        let found = digest_of(&place.target, place.target_range, image, name)?;
+        if found != image.digest.sha256 {
+            return Err(format!(
+                "component {name} has SHA-256 {found}, the payload signed {}",
+                image.digest.sha256
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The segmented SHA-256 of `image.size` bytes at a component's place.
+fn digest_of(
+    path: &std::path::Path,
+    range: Option<payload::ByteRange>,
+    image: &ImageRef,
+    name: &str,
+) -> Result<Sha256Hex, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let digest = match range {
+        Some(range) => {
+            if image.size > range.len {
+                return Err(format!("component {name} is larger than its partition"));
+            }
+            payload::digest::digest_file(&payload::Region::new(file, range), image.size)
+        }
+        None => payload::digest::digest_file(&ZeroPadded(file), image.size),
+    };
+    digest
+        .map(|d| d.sha256)
+        .map_err(|e| format!("reading {name} back: {e}"))
+}
+
+/// A file read as if zeros followed its end (reads only).
+struct ZeroPadded(std::fs::File);
+
+impl std::os::unix::fs::FileExt for ZeroPadded {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let n = self.0.read_at(buf, offset)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        buf.fill(0);
+        Ok(buf.len())
+    }
+
+    fn write_at(&self, _: &[u8], _: u64) -> std::io::Result<usize> {
+        Err(std::io::Error::other("read only"))
+    }
+}
+
+/// What a payload wrote: its version, its `usr` image, its components and
+/// the image each holds.
+type Written = (String, Option<ImageRef>, Vec<(String, ImageRef)>);
 
 fn summarize_outcome(o: &UpdateOutcome) -> String {
     match o {
