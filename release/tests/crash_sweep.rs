@@ -26,8 +26,8 @@ fn run(args: &[&str], failpoint: Option<&str>) -> std::process::Output {
     let mut c = Command::new(TOOL);
     c.args(args);
     match failpoint {
-        Some(f) => c.env("TANDEM_FAILPOINT", f),
-        None => c.env_remove("TANDEM_FAILPOINT"),
+        Some(f) => c.env(payload::failpoint::ENV, f),
+        None => c.env_remove(payload::failpoint::ENV),
     };
     c.output().unwrap()
 }

@@ -20,7 +20,7 @@
 //! good) is the boot assessment after the reboot (`engine/boot.rs`).
 //!
 //! Where each part lives: this file holds the engine's state, its
-//! operations' bookkeeping and the status; `engine/find.rs` steps 1 and
+//! operations' bookkeeping and the status; `engine/find.rs` step 1 and
 //! the check; `engine/stage.rs` steps 2 to 5; `engine/verity.rs` the
 //! hash partition; `engine/boot.rs` the assessment, rollback and reboots.
 //! The API types are in [`crate::api`].

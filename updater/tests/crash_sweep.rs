@@ -34,7 +34,7 @@ fn sweep(points: &[String]) {
         // the server counts as served is what the node downloaded.
         server.set_rate(size / 3);
         let mut node = Node::new(&server, &rel);
-        node.daemon_env = vec![("TANDEM_FAILPOINT".into(), point.clone())];
+        node.daemon_env = vec![(payload::failpoint::ENV.into(), point.clone())];
         node.start();
         // The client's call dies with its daemon.
         let out = node.ctl(&["apply"]);

@@ -285,7 +285,7 @@ fn an_acl_update_killed_before_the_flip_reads_back_and_does_not_download_again()
     let server = HttpServer::serve(&rel.www);
     let (mut node, parts) = acl_node(&rel, &server);
     rel.publish(1, vec![rel.release("2.0.0", true)], in_days(7), None);
-    node.daemon_env = vec![("TANDEM_FAILPOINT".into(), "before-flip:1".into())];
+    node.daemon_env = vec![(payload::failpoint::ENV.into(), "before-flip:1".into())];
     node.start();
     node.wait_health();
     assert!(!node.ctl(&["apply"]).status.success());

@@ -91,7 +91,7 @@ pub fn arrival(
 }
 
 /// The digest of a slot's first `size` bytes, read from the disk.
-pub(super) fn read_back(
+fn read_back(
     disk: &std::path::Path,
     slot: &bootconfig::Slot,
     size: u64,

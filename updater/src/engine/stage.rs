@@ -773,7 +773,8 @@ fn vet_manifest(
 /// signed length after it was verified padded with zeros to whole blocks:
 /// it is read padded again. `installed`: where a file component may be
 /// instead, once installed as the slot's entry (then copied back to its
-/// staging place). Every component is read back at its place last.
+/// staging place and read back there). Each component is read once, the
+/// copied ones twice.
 fn read_back_components(
     paths: &[ComponentPaths],
     installed: &[(String, PathBuf)],
@@ -804,16 +805,10 @@ fn read_back_components(
         std::fs::copy(from, &place.target)
             .and_then(|_| std::fs::File::open(&place.target)?.sync_all())
             .map_err(|e| format!("copying {} back: {e}", from.display()))?;
-    }
-    for (name, image) in components {
-        let place = paths
-            .iter()
-            .find(|p| &p.component == name)
-            .ok_or_else(|| format!("component {name} has no place on this node"))?;
         let found = digest_of(&place.target, place.target_range, image, name)?;
         if found != image.digest.sha256 {
             return Err(format!(
-                "component {name} has SHA-256 {found}, the payload signed {}",
+                "component {name} copied back has SHA-256 {found}, the payload signed {}",
                 image.digest.sha256
             ));
         }

@@ -369,7 +369,7 @@ textfile = "{metrics}"
             .arg("--root")
             .arg(&self.root)
             .args(&self.daemon_args)
-            .env_remove("TANDEM_FAILPOINT")
+            .env_remove(payload::failpoint::ENV)
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .env("DBUS_SYSTEM_BUS_ADDRESS", self.bus.address())
             .env_remove("NOTIFY_SOCKET")
